@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Build it with :func:`custody.api.app.create_app`."""

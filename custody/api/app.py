@@ -1,0 +1,121 @@
+"""Application factory: ``create_app(settings)``; nothing global."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from custody import __version__
+from custody.api import problems
+from custody.errors import CustodyError
+from custody.schemas import WalletCreate, WalletList, WalletOut
+from custody.services import operators as operator_service
+from custody.services import wallets as wallet_service
+from custody.services.context import Context
+from custody.settings import Settings
+from custody.storage.interfaces import Operator
+
+log = logging.getLogger("custody.api")
+_bearer = HTTPBearer(auto_error=False, description="An operator token (`cop.…`)")
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    status: {"model": problems.Problem, "content": {problems.PROBLEM_JSON: {}}}
+    for status in (400, 401, 403, 404, 409, 503)
+}
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+
+
+class Readiness(BaseModel):
+    status: str
+    database: str
+    signer: str
+
+
+def _context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+Ctx = Annotated[Context, Depends(_context)]
+
+
+async def _operator(
+    ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Operator:
+    return await operator_service.authenticate(ctx, credentials.credentials if credentials else None)
+
+
+async def _admin(operator: Annotated[Operator, Depends(_operator)]) -> Operator:
+    operator_service.require_role(operator, "admin")
+    return operator
+
+
+AnyOperator = Annotated[Operator, Depends(_operator)]
+Admin = Annotated[Operator, Depends(_admin)]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.require_safe()
+        ctx = await Context.open(settings)
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            await ctx.close()
+
+    app = FastAPI(
+        title="Agent Custody",
+        version=__version__,
+        summary="Keys in an isolated signer; payments signed only within human-set policy.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+
+    @app.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok", version=__version__)
+
+    @app.get("/readyz", response_model=Readiness, tags=["health"], responses=_PROBLEMS)
+    async def readyz(ctx: Ctx) -> JSONResponse:
+        """Readiness: the database answers and the signer is reachable and unsealed."""
+        database = signer = "ok"
+        try:
+            await ctx.wallets.count_envelopes()
+        except Exception:
+            database = "unavailable"
+        try:
+            status = await ctx.signer.status()
+            signer = "sealed" if status.get("sealed") else "ok"
+        except CustodyError:
+            signer = "unavailable"
+        ready = database == signer == "ok"
+        body = Readiness(status="ready" if ready else "not_ready", database=database, signer=signer)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @app.post("/admin/v1/wallets", response_model=WalletOut, status_code=201, tags=["wallets"], responses=_PROBLEMS)
+    async def create_wallet(body: WalletCreate, ctx: Ctx, _: Admin) -> WalletOut:
+        """Create a wallet; its key is generated inside the signer and never leaves it."""
+        return WalletOut.of(await wallet_service.create_wallet(ctx, body.name))
+
+    @app.get("/admin/v1/wallets", response_model=WalletList, tags=["wallets"], responses=_PROBLEMS)
+    async def list_wallets(ctx: Ctx, _: AnyOperator) -> WalletList:
+        return WalletList(wallets=[WalletOut.of(w) for w in await ctx.wallets.list()])
+
+    @app.get("/admin/v1/wallets/{wallet_id}", response_model=WalletOut, tags=["wallets"], responses=_PROBLEMS)
+    async def get_wallet(wallet_id: str, ctx: Ctx, _: AnyOperator) -> WalletOut:
+        return WalletOut.of(await wallet_service.get_wallet(ctx, wallet_id))
+
+    return app

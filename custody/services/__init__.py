@@ -1,0 +1,1 @@
+"""The application layer: what the admin API and the local CLI both call."""

@@ -1,0 +1,52 @@
+"""The running service's dependencies, built from settings and passed explicitly."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from custody.settings import Settings, ensure_private_dir
+from custody.signer.client import SignerClient
+from custody.storage.db import create_engine, migrate
+from custody.storage.sql import SqlOperatorStore, SqlWalletStore
+
+
+def _private_sqlite_file(settings: Settings) -> None:
+    """Create the embedded database owner-only; SQLite gives its WAL the same mode."""
+    path = settings.sqlalchemy_url.partition(":///")[2]
+    if path and path != ":memory:":
+        db = Path(path)
+        ensure_private_dir(db.parent)
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+@dataclass
+class Context:
+    settings: Settings
+    engine: AsyncEngine
+    wallets: SqlWalletStore
+    operators: SqlOperatorStore
+    signer: SignerClient
+
+    @classmethod
+    async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Context:
+        if settings.uses_sqlite:
+            _private_sqlite_file(settings)
+        engine = create_engine(settings.sqlalchemy_url)
+        if run_migrations:
+            await migrate(engine)
+        return cls(
+            settings=settings,
+            engine=engine,
+            wallets=SqlWalletStore(engine),
+            operators=SqlOperatorStore(engine),
+            signer=SignerClient(settings.socket_path, timeout=settings.signer_timeout_seconds),
+        )
+
+    async def close(self) -> None:
+        await self.signer.close()
+        await self.engine.dispose()

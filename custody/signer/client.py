@@ -1,0 +1,117 @@
+"""The API side of the signer socket: a small connection pool and typed calls.
+
+Errors come back as the same :class:`~custody.errors.CustodyError` subclasses the
+signer raised (rebuilt from their stable code). A signer that cannot be reached or
+does not answer in time is :class:`~custody.errors.SignerUnavailable`; nothing is
+signed in that case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from custody.errors import SignerUnavailable, error_from_code
+from custody.keys.envelope import KeyEnvelope
+from custody.signer.protocol import (
+    ProtocolError,
+    b64,
+    encode_frame,
+    envelope_from_wire,
+    envelope_to_wire,
+    read_frame,
+)
+
+_Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class SignerClient:
+    def __init__(self, path: Path, *, timeout: float = 5.0, pool_size: int = 16) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self._idle: list[_Connection] = []
+
+    async def _connect(self) -> _Connection:
+        if self._idle:
+            return self._idle.pop()
+        try:
+            return await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), self.timeout)
+        except (OSError, TimeoutError):
+            raise SignerUnavailable(
+                "the signer is not reachable: start it with `custody serve` or `custody signer`"
+            ) from None
+
+    async def call(self, op: str, **params: Any) -> dict[str, Any]:
+        reader, writer = await self._connect()
+        try:
+            writer.write(encode_frame({"op": op, **params}))
+            await writer.drain()
+            reply = await asyncio.wait_for(read_frame(reader), self.timeout)
+        except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError):
+            writer.close()
+            raise SignerUnavailable("the signer did not answer") from None
+        except BaseException:
+            writer.close()
+            raise
+        if reply is None:
+            writer.close()
+            raise SignerUnavailable("the signer closed the connection")
+        if len(self._idle) < self.pool_size:
+            self._idle.append((reader, writer))
+        else:
+            writer.close()
+        if reply.get("ok") is True:
+            result = reply.get("result")
+            return result if isinstance(result, dict) else {}
+        error = reply.get("error") or {}
+        raise error_from_code(str(error.get("code", "internal_error")), str(error.get("detail") or "signer error"))
+
+    async def close(self) -> None:
+        while self._idle:
+            _, writer = self._idle.pop()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # Typed operations -------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        return await self.call("status")
+
+    async def create_key(self, wallet_id: str, key_version: int = 1) -> tuple[str, str, KeyEnvelope]:
+        result = await self.call("create_key", wallet_id=wallet_id, key_version=key_version)
+        return result["address"], result["public_key"], envelope_from_wire(result["envelope"])
+
+    async def import_key(
+        self, wallet_id: str, private_key: bytes, key_version: int = 1
+    ) -> tuple[str, str, KeyEnvelope]:
+        result = await self.call(
+            "import_key", wallet_id=wallet_id, key_version=key_version, private_key=b64(private_key)
+        )
+        return result["address"], result["public_key"], envelope_from_wire(result["envelope"])
+
+    async def public_key(self, envelope: KeyEnvelope) -> dict[str, Any]:
+        return await self.call("public_key", envelope=envelope_to_wire(envelope))
+
+    async def sign_transaction(self, envelope: KeyEnvelope, transaction: dict[str, Any]) -> dict[str, Any]:
+        return await self.call("sign_transaction", envelope=envelope_to_wire(envelope), transaction=transaction)
+
+    async def sign_typed_data(self, envelope: KeyEnvelope, typed_data: dict[str, Any]) -> dict[str, Any]:
+        return await self.call("sign_typed_data", envelope=envelope_to_wire(envelope), typed_data=typed_data)
+
+    async def sign_message(self, envelope: KeyEnvelope, text: str) -> dict[str, Any]:
+        return await self.call("sign_message", envelope=envelope_to_wire(envelope), text=text)
+
+    async def rewrap(self, envelope: KeyEnvelope) -> KeyEnvelope:
+        result = await self.call("rewrap", envelope=envelope_to_wire(envelope))
+        return envelope_from_wire(result["envelope"])
+
+    async def rotate_kek(self) -> dict[str, Any]:
+        return await self.call("rotate_kek")
+
+    async def unseal(self, passphrase: str | None = None) -> dict[str, Any]:
+        if passphrase is None:
+            return await self.call("unseal")
+        return await self.call("unseal", passphrase=passphrase)

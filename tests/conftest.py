@@ -1,0 +1,171 @@
+"""Shared fixtures: backends (SQLite and a private PostgreSQL database), a running signer, the API.
+
+PostgreSQL tests create their own database on the shared server and drop it afterwards.
+Without a reachable server they are skipped on a laptop and FAIL when CI is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from custody.services.context import Context
+from custody.settings import Settings
+from custody.signer.client import SignerClient
+from custody.signer.server import serve
+
+PG_ADMIN_DSN = os.environ.get("CUSTODY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run long soak tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build their settings explicitly; a developer's CUSTODY_* variables must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("CUSTODY_") and name != "CUSTODY_TEST_PG":
+            monkeypatch.delenv(name)
+
+
+def _pg_unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"PostgreSQL is required in CI: {reason}")
+    pytest.skip(f"PostgreSQL not reachable: {reason}")
+
+
+async def _pg(statement: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database; dropped after the test."""
+    name = "custody_test_" + secrets.token_hex(6)
+    try:
+        asyncio.run(_pg(f'CREATE DATABASE "{name}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        _pg_unavailable(str(exc))
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short private directory (Unix socket paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="cst-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(backend: str, short_dir: Path, request: pytest.FixtureRequest) -> Settings:
+    database_url = request.getfixturevalue("pg_database") if backend == "postgresql" else None
+    return Settings(
+        data_dir=short_dir / "data",
+        database_url=database_url,
+        kek_scrypt_n=2**10,
+    )
+
+
+class SignerThread:
+    """The real signer server on its real socket, in a thread of the test process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self.core: object = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def main() -> None:
+            self._stop = asyncio.Event()
+
+            def ready(core: object) -> None:
+                self.core = core
+                self._ready.set()
+
+            await serve(self.settings, stop=self._stop, ready=ready)
+
+        try:
+            self._loop.run_until_complete(main())
+        finally:
+            self._loop.close()
+
+    def start(self) -> SignerThread:
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("signer did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def signer(settings: Settings) -> Iterator[SignerThread]:
+    running = SignerThread(settings).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        gc.collect()  # surface unclosed-resource warnings in the test that caused them
+
+
+@pytest.fixture
+async def ctx(settings: Settings, signer: SignerThread) -> AsyncIterator[Context]:
+    context = await Context.open(settings)
+    try:
+        yield context
+    finally:
+        await context.close()
+
+
+@pytest.fixture
+async def signer_client(settings: Settings, signer: SignerThread) -> AsyncIterator[SignerClient]:
+    client = SignerClient(settings.socket_path)
+    try:
+        yield client
+    finally:
+        await client.close()
