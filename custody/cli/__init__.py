@@ -16,7 +16,7 @@ import typer
 
 from custody.cli.operator import operator_for, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
-
+from custody.cli.policy import policy_app
 from custody.errors import ConfigurationError, InvalidRequest, SignerUnavailable
 from custody.schemas import WalletOut
 from custody.services import operators as operator_service
@@ -35,8 +35,7 @@ app.add_typer(wallet_app, name="wallet")
 app.add_typer(keys_app, name="keys")
 app.add_typer(signer_app, name="signer")
 app.add_typer(db_app, name="db")
-
-
+app.add_typer(policy_app, name="policy")
 
 
 def _settings() -> Settings:
