@@ -11,12 +11,15 @@ import gc
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from custody.services.context import Context
@@ -138,7 +141,7 @@ class SignerThread:
         return self
 
     def stop(self) -> None:
-        if self._stop is not None:
+        if self._stop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
 
@@ -169,3 +172,61 @@ async def signer_client(settings: Settings, signer: SignerThread) -> AsyncIterat
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def api(settings: Settings, signer: SignerThread) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """The real app (lifespan included) over ASGI, and the first admin's token."""
+    from custody.api.app import create_app
+    from custody.services.operators import ensure_first_admin
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        token = await ensure_first_admin(app.state.ctx)
+        assert token is not None
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://custody.test") as client:
+            client.headers["Authorization"] = f"Bearer {token}"
+            yield client, token
+
+
+class LiveServer:
+    """uvicorn serving the real app on a free loopback port, in a thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        from custody.api.app import create_app
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live_server(settings: Settings, signer: SignerThread) -> Iterator[LiveServer]:
+    server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -58,15 +58,16 @@ class LocalOperator:
 
 
 class RemoteOperator:
-    def __init__(self, url: str, token: str | None, transport: httpx.BaseTransport | None = None) -> None:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0, transport=transport)
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = self.http.request(method, path, **kwargs)
+            with httpx.Client(base_url=self.url, headers=self.headers, timeout=30.0) as http:
+                response = http.request(method, path, **kwargs)
         except httpx.HTTPError:
-            raise DependencyUnavailable(f"cannot reach the service at {self.http.base_url}") from None
+            raise DependencyUnavailable(f"cannot reach the service at {self.url}") from None
         if response.is_success:
             return response.json()
         try:

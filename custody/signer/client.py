@@ -34,9 +34,7 @@ class SignerClient:
         self.pool_size = pool_size
         self._idle: list[_Connection] = []
 
-    async def _connect(self) -> _Connection:
-        if self._idle:
-            return self._idle.pop()
+    async def _open(self) -> _Connection:
         try:
             return await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), self.timeout)
         except (OSError, TimeoutError):
@@ -44,25 +42,44 @@ class SignerClient:
                 "the signer is not reachable: start it with `custody serve` or `custody signer`"
             ) from None
 
+    async def _exchange(self, connection: _Connection, message: dict[str, Any]) -> dict[str, Any] | None:
+        reader, writer = connection
+        writer.write(encode_frame(message))
+        await writer.drain()
+        return await asyncio.wait_for(read_frame(reader), self.timeout)
+
     async def call(self, op: str, **params: Any) -> dict[str, Any]:
-        reader, writer = await self._connect()
-        try:
-            writer.write(encode_frame({"op": op, **params}))
-            await writer.drain()
-            reply = await asyncio.wait_for(read_frame(reader), self.timeout)
-        except (OSError, TimeoutError, ProtocolError, asyncio.IncompleteReadError):
-            writer.close()
-            raise SignerUnavailable("the signer did not answer") from None
-        except BaseException:
-            writer.close()
-            raise
-        if reply is None:
-            writer.close()
-            raise SignerUnavailable("the signer closed the connection")
-        if len(self._idle) < self.pool_size:
-            self._idle.append((reader, writer))
-        else:
-            writer.close()
+        message = {"op": op, **params}
+        reply: dict[str, Any] | None = None
+        # A pooled connection may be stale (the signer restarted): then try once more on a
+        # fresh one. A request that failed on a stale socket never reached the signer.
+        pooled = self._idle.pop() if self._idle else None
+        for connection in ([pooled] if pooled else []) + [None]:
+            connection = connection or await self._open()
+            try:
+                reply = await self._exchange(connection, message)
+            except (OSError, ProtocolError, asyncio.IncompleteReadError):
+                connection[1].close()
+                if connection is pooled:
+                    continue
+                raise SignerUnavailable("the signer did not answer") from None
+            except TimeoutError:
+                connection[1].close()
+                raise SignerUnavailable("the signer did not answer in time") from None
+            except BaseException:
+                connection[1].close()
+                raise
+            if reply is None:
+                connection[1].close()
+                if connection is pooled:
+                    continue
+                raise SignerUnavailable("the signer closed the connection")
+            if len(self._idle) < self.pool_size:
+                self._idle.append(connection)
+            else:
+                connection[1].close()
+            break
+        assert reply is not None
         if reply.get("ok") is True:
             result = reply.get("result")
             return result if isinstance(result, dict) else {}

@@ -84,3 +84,17 @@ def test_a_stale_socket_file_is_replaced(short_dir: Path) -> None:
         assert path.stat().st_mode & 0o777 == 0o600
     finally:
         sock.close()
+
+
+async def test_client_recovers_after_the_signer_restarts(settings: Settings, signer: SignerThread) -> None:
+    client = SignerClient(settings.socket_path)
+    try:
+        assert (await client.status())["sealed"] is False  # leaves a pooled connection behind
+        signer.stop()
+        restarted = SignerThread(settings).start()
+        try:
+            assert (await client.status())["sealed"] is False
+        finally:
+            restarted.stop()
+    finally:
+        await client.close()
