@@ -35,6 +35,7 @@ from custody.keys.kek import (
 from custody.settings import Settings
 from custody.signer import evm
 from custody.signer.protocol import (
+    MAX_FRAME,
     OPERATIONS,
     ProtocolError,
     encode_frame,
@@ -326,7 +327,9 @@ async def serve(
         log.warning("signer started SEALED: %s", core.sealed_reason)
     path = settings.socket_path
     sock = bind_socket(path, settings.signer_socket_mode, settings.signer_socket_owner)
+    loop = asyncio.get_running_loop()
     connections: set[asyncio.Task[None]] = set()
+    transports: set[asyncio.Transport] = set()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -337,10 +340,19 @@ async def serve(
         finally:
             connections.discard(task)
 
-    server = await asyncio.start_unix_server(on_connect, sock=sock)
+    class _Tracked(asyncio.StreamReaderProtocol):
+        # Remember every transport, so shutdown closes connections whose handler has not started.
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            if isinstance(transport, asyncio.Transport):
+                transports.add(transport)
+            super().connection_made(transport)
+
+    def protocol() -> asyncio.StreamReaderProtocol:
+        return _Tracked(asyncio.StreamReader(limit=MAX_FRAME + 8), on_connect)
+
+    server = await loop.create_unix_server(protocol, sock=sock)
     if stop is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
     log.info("signer listening on %s (sealed=%s)", path, core.sealed)
@@ -349,12 +361,18 @@ async def serve(
     try:
         await stop.wait()
     finally:
+        # Stop accepting first and let connections accepted a moment ago finish being set
+        # up: closing the server under them leaves their sockets open (asyncio asserts).
+        with contextlib.suppress(NotImplementedError, ValueError):
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0.02)
         server.close()
-        await asyncio.sleep(0.01)  # connections accepted just now get their task started, so they are closed too
         for task in list(connections):
             task.cancel()
         await asyncio.gather(*connections, return_exceptions=True)
+        for transport in transports:
+            transport.abort()
         await server.wait_closed()
-        await asyncio.sleep(0.05)  # let the transports' close callbacks run before the loop ends
+        await asyncio.sleep(0)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
