@@ -236,6 +236,14 @@ _EIP2612_FIELDS: Final = [
     ("nonce", "uint256"),
     ("deadline", "uint256"),
 ]
+# DAI's permit: all-or-nothing (``allowed``), with ``expiry`` 0 meaning "never expires".
+_DAI_PERMIT_FIELDS: Final = [
+    ("holder", "address"),
+    ("spender", "address"),
+    ("nonce", "uint256"),
+    ("expiry", "uint256"),
+    ("allowed", "bool"),
+]
 _PERMIT2_TYPES: Final = {
     "PermitSingle",
     "PermitBatch",
@@ -309,9 +317,28 @@ def _interpret(
         deadline = _int(message["deadline"], "message.deadline", "malformed_typed_data")
         fields = _allowance(AllowanceType.EIP2612_PERMIT, token, message["spender"], amount)
         return {**fields, "valid_before": _timestamp(deadline)}, message["owner"]
+    if primary == "Permit" and shape == _DAI_PERMIT_FIELDS and token:
+        allowed = message["allowed"]
+        if not isinstance(allowed, bool):
+            raise DecodeError("malformed_typed_data", "message.allowed must be true or false")
+        expiry = _int(message["expiry"], "message.expiry", "malformed_typed_data")
+        fields = _allowance(AllowanceType.EIP2612_PERMIT, token, message["spender"], 2**256 - 1 if allowed else 0)
+        return {**fields, "valid_before": _timestamp(expiry) if expiry else None}, message["holder"]
     if primary in _PERMIT2_TYPES and (domain.name == "Permit2" or token == PERMIT2_ADDRESS):
         return _permit2_fields(primary, message), None
+    if _looks_like_spending(primary):
+        # A permit or an authorization whose shape we do not know could move funds:
+        # refuse it rather than let it pass as harmless opaque typed data.
+        raise DecodeError(
+            "unsupported_typed_data",
+            f"{primary} looks like a permit or a payment authorization, but its fields are not a known layout",
+        )
     return {"kind": IntentKind.TYPED_DATA}, None
+
+
+def _looks_like_spending(primary: str) -> bool:
+    name = primary.lower()
+    return "permit" in name or name.endswith("authorization") or primary in _PERMIT2_TYPES
 
 
 def decode_typed_data(

@@ -252,12 +252,13 @@ def test_a_validity_beyond_year_9999_means_no_end() -> None:
     assert decode_typed_data(authorization(validBefore=2**255), **CONTEXT).valid_before is None
 
 
-def test_a_lookalike_type_with_other_fields_is_only_opaque_typed_data() -> None:
+def test_a_lookalike_authorization_with_other_fields_is_refused_not_opaque() -> None:
     lookalike = [*EIP3009[:5], {"name": "salt", "type": "bytes32"}]
     document = authorization(fields=lookalike, salt=b"\x00" * 32)
     del document["message"]["nonce"]
-    intent = decode_typed_data(document, **CONTEXT)
-    assert (intent.kind, intent.primary_type) == (IntentKind.TYPED_DATA, "TransferWithAuthorization")
+    with pytest.raises(DecodeError) as caught:
+        decode_typed_data(document, **CONTEXT)
+    assert caught.value.code == "unsupported_typed_data"
 
 
 def test_eip2612_permit_is_an_allowance() -> None:
@@ -430,3 +431,81 @@ def test_a_permit2_type_without_the_standard_fields_is_malformed_not_a_crash() -
     with pytest.raises(DecodeError) as caught:
         decode_typed_data(document, **CONTEXT)
     assert caught.value.code == "malformed_typed_data"
+
+
+def _dai_permit(allowed: object, expiry: int) -> dict[str, object]:
+    return {
+        "types": {
+            "EIP712Domain": [
+                {"name": "name", "type": "string"},
+                {"name": "version", "type": "string"},
+                {"name": "chainId", "type": "uint256"},
+                {"name": "verifyingContract", "type": "address"},
+            ],
+            "Permit": [
+                {"name": "holder", "type": "address"},
+                {"name": "spender", "type": "address"},
+                {"name": "nonce", "type": "uint256"},
+                {"name": "expiry", "type": "uint256"},
+                {"name": "allowed", "type": "bool"},
+            ],
+        },
+        "primaryType": "Permit",
+        "domain": {
+            "name": "Dai Stablecoin",
+            "version": "1",
+            "chainId": 1,
+            "verifyingContract": "0x6B175474E89094C44Da98b954EedeAC495271d0F",
+        },
+        "message": {
+            "holder": "0x1111111111111111111111111111111111111111",
+            "spender": "0x2222222222222222222222222222222222222222",
+            "nonce": 0,
+            "expiry": expiry,
+            "allowed": allowed,
+        },
+    }
+
+
+def test_dai_permit_with_allowed_true_is_an_unlimited_allowance_without_expiry() -> None:
+    from custody.chain import decode_typed_data
+    from policies import IntentKind
+
+    intent = decode_typed_data(_dai_permit(True, 0), chain_id=1, wallet_id="w", agent_id=None)
+    assert intent.kind == IntentKind.ALLOWANCE
+    assert intent.unlimited is True
+    assert intent.spender == "0x2222222222222222222222222222222222222222"
+    assert intent.valid_before is None
+
+
+def test_dai_permit_with_allowed_false_is_a_zero_allowance() -> None:
+    from custody.chain import decode_typed_data
+
+    intent = decode_typed_data(_dai_permit(False, 2_000_000_000), chain_id=1, wallet_id="w", agent_id=None)
+    assert intent.unlimited is False
+    assert intent.amount == 0
+
+
+def test_dai_permit_with_a_non_boolean_allowed_is_malformed() -> None:
+    from custody.chain import DecodeError, decode_typed_data
+
+    with pytest.raises(DecodeError) as caught:
+        decode_typed_data(_dai_permit("yes", 0), chain_id=1, wallet_id="w", agent_id=None)
+    assert caught.value.code == "malformed_typed_data"
+
+
+@pytest.mark.parametrize("primary", ["Permit", "PermitForAll", "TransferWithAuthorization", "SpendAuthorization"])
+def test_unknown_layouts_of_permits_and_authorizations_are_refused_not_opaque(primary: str) -> None:
+    from custody.chain import DecodeError, decode_typed_data
+
+    document = _dai_permit(True, 0)
+    types = document["types"]
+    assert isinstance(types, dict)
+    types[primary] = [{"name": "who", "type": "address"}, {"name": "amount", "type": "uint256"}]
+    if primary != "Permit":
+        del types["Permit"]
+    document["primaryType"] = primary
+    document["message"] = {"who": "0x2222222222222222222222222222222222222222", "amount": 1}
+    with pytest.raises(DecodeError) as caught:
+        decode_typed_data(document, chain_id=1, wallet_id="w", agent_id=None)
+    assert caught.value.code == "unsupported_typed_data"
