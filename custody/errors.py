@@ -8,7 +8,9 @@ never from secret values.
     CustodyError
     ├── InvalidRequest          400  invalid_request
     │   ├── UnsupportedSigningMethod  400  unsupported_signing_method
-    │   └── InvalidTransaction        400  invalid_transaction
+    │   ├── InvalidTransaction        400  invalid_transaction
+    │   └── KekVersionUnchanged       400  kek_version_unchanged
+    ├── PayloadTooLarge         413  payload_too_large
     ├── Unauthorized            401  unauthorized
     ├── Forbidden               403  forbidden
     ├── NotFound                404  not_found
@@ -16,6 +18,7 @@ never from secret values.
     ├── ConfigurationError      (startup only) insecure_configuration
     ├── KeyDecryptionError      500  key_decryption_failed (uniform for any tamper)
     └── DependencyUnavailable   503  dependency_unavailable
+        ├── DatabaseUnavailable 503  database_unavailable
         ├── SignerUnavailable   503  signer_unavailable
         └── SignerSealed        503  signer_sealed
 """
@@ -64,6 +67,17 @@ class InvalidTransaction(InvalidRequest):
     title = "Invalid transaction"
 
 
+class KekVersionUnchanged(InvalidRequest):
+    code = "kek_version_unchanged"
+    title = "No newer key-encryption key version"
+
+
+class PayloadTooLarge(CustodyError):
+    code = "payload_too_large"
+    status = 413
+    title = "Request body too large"
+
+
 class Unauthorized(CustodyError):
     code = "unauthorized"
     status = 401
@@ -106,6 +120,11 @@ class DependencyUnavailable(CustodyError):
     code = "dependency_unavailable"
     status = 503
     title = "A required dependency is unavailable"
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    code = "database_unavailable"
+    title = "The database is unavailable"
 
 
 class SignerUnavailable(DependencyUnavailable):

@@ -67,6 +67,8 @@ def read_document(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise PolicyFileError(path, [("(file)", error.strerror or str(error))], "unreadable_file") from None
+    except UnicodeDecodeError:
+        raise PolicyFileError(path, [("(file)", "not UTF-8 text")], "unreadable_file") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text, object_pairs_hook=_no_duplicates)

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from custody.errors import ConfigurationError
 
 DEFAULT_PORT = 8700
+Role = Literal["api", "signer", "both"]
 # Secrets that documentation and examples use; production refuses them.
 KNOWN_DEFAULT_SECRETS = frozenset({"", "changeme", "change-me", "secret", "password", "development"})
 _ALL_ZERO_KEY = base64.b64encode(bytes(32)).decode()
@@ -105,10 +106,22 @@ class Settings(BaseSettings):
         return self.sqlalchemy_url.startswith("sqlite")
 
     # Production guard rails -------------------------------------------------------
-    def production_problems(self) -> list[str]:
-        """Every reason production mode refuses this configuration, each naming its setting."""
+    def production_problems(self, role: Role = "both") -> list[str]:
+        """Every reason production mode refuses this configuration, each naming its setting.
+
+        ``role`` is the process being started: the API never reads the KEK settings (it must
+        run without them), the signer never needs the database.
+        """
         if not self.is_production:
             return []
+        problems: list[str] = []
+        if role in ("signer", "both"):
+            problems.extend(self._signer_problems())
+        if role in ("api", "both"):
+            problems.extend(self._api_problems())
+        return problems
+
+    def _signer_problems(self) -> list[str]:
         problems: list[str] = []
         if self.kek_source is None:
             problems.append("CUSTODY_KEK_SOURCE is not set: choose file, secret or passphrase")
@@ -118,15 +131,19 @@ class Settings(BaseSettings):
             value = _read_secret(self.kek_passphrase, self.kek_passphrase_file)
             if value is not None and (value.strip().lower() in KNOWN_DEFAULT_SECRETS or len(value) < 12):
                 problems.append("CUSTODY_KEK_PASSPHRASE is a default or shorter than 12 characters")
-        if self.uses_sqlite and not self.allow_sqlite:
-            problems.append(
-                "CUSTODY_DATABASE_URL points to SQLite: set a PostgreSQL URL, "
-                "or CUSTODY_ALLOW_SQLITE=true to accept a single-node deployment"
-            )
         if self.signer_socket_mode & 0o007:
             problems.append(
                 f"CUSTODY_SIGNER_SOCKET_MODE={oct(self.signer_socket_mode)} lets any user open "
                 "the signer socket: use 0600 (or 0660 with a dedicated group)"
+            )
+        return problems
+
+    def _api_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.uses_sqlite and not self.allow_sqlite:
+            problems.append(
+                "CUSTODY_DATABASE_URL points to SQLite: set a PostgreSQL URL, "
+                "or CUSTODY_ALLOW_SQLITE=true to accept a single-node deployment"
             )
         if self.admin_token is not None and self.admin_token.get_secret_value().strip().lower() in (
             KNOWN_DEFAULT_SECRETS
@@ -134,8 +151,8 @@ class Settings(BaseSettings):
             problems.append("CUSTODY_ADMIN_TOKEN is a default value")
         return problems
 
-    def require_safe(self) -> None:
-        problems = self.production_problems()
+    def require_safe(self, role: Role = "both") -> None:
+        problems = self.production_problems(role)
         if problems:
             raise ConfigurationError("production mode refuses to start: " + "; ".join(problems), problems=problems)
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from pydantic import SecretStr
 from sqlalchemy import select, update
 
 from custody.errors import KeyDecryptionError
@@ -123,3 +124,27 @@ async def test_each_rotation_adds_a_kek_version_and_rewraps_to_it(ctx: Context) 
     second = await wallet_service.rotate_kek(ctx)
     assert (first.rewrapped, second.rewrapped) == (1, 1)
     assert second.kek_version == first.kek_version + 1
+
+
+async def test_rotation_without_a_newer_secret_version_is_refused_and_changes_nothing(
+    settings: Settings, signer: SignerThread
+) -> None:
+    import base64
+
+    from custody.errors import KekVersionUnchanged
+
+    signer.stop()
+    secret_settings = settings.model_copy(
+        update={"kek_source": "secret", "kek_secret": SecretStr(base64.b64encode(b"\x05" * 32).decode())}
+    )
+    running = SignerThread(secret_settings).start()
+    ctx = await Context.open(secret_settings)
+    try:
+        wallet = await wallet_service.create_wallet(ctx, "kept")
+        before = await ctx.wallets.envelope(wallet.id)
+        with pytest.raises(KekVersionUnchanged, match="add version v2"):
+            await wallet_service.rotate_kek(ctx)
+        assert await ctx.wallets.envelope(wallet.id) == before
+    finally:
+        await ctx.close()
+        running.stop()

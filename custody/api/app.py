@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from custody import __version__
 from custody.api import problems
 from custody.errors import CustodyError
+from custody.runtime import restore_recursion_limit
 from custody.schemas import WalletCreate, WalletList, WalletOut
 from custody.services import operators as operator_service
 from custody.services import wallets as wallet_service
@@ -67,7 +68,7 @@ Admin = Annotated[Operator, Depends(_admin)]
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        settings.require_safe()
+        settings.require_safe("api")
         ctx = await Context.open(settings)
         app.state.ctx = ctx
         try:
@@ -82,6 +83,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(problems.BodyLimit)
+    restore_recursion_limit()
 
     @app.get("/healthz", response_model=Health, tags=["health"])
     async def healthz() -> Health:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import getpass
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,11 +20,12 @@ from custody.cli.operator import operator_for, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
 from custody.cli.policy import policy_app
 from custody.errors import ConfigurationError, InvalidRequest, SignerUnavailable
+from custody.runtime import restore_recursion_limit
 from custody.schemas import WalletOut
 from custody.services import operators as operator_service
 from custody.services import wallets as wallet_service
 from custody.services.context import Context
-from custody.settings import Settings, ensure_private_dir
+from custody.settings import Role, Settings, ensure_private_dir
 
 app = typer.Typer(
     help="Agent Custody: wallet keys in an isolated signer, payments within policy.", no_args_is_help=True
@@ -46,10 +49,10 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _guard(settings: Settings) -> None:
+def _guard(settings: Settings, role: Role) -> None:
     """Refuse production mode with insecure settings; shout in development mode."""
     try:
-        settings.require_safe()
+        settings.require_safe(role)
     except ConfigurationError as exc:
         for problem in exc.extra.get("problems", []):
             typer.echo(f"error [insecure_configuration]: {problem}", err=True)
@@ -120,9 +123,10 @@ def serve(
 
     settings = _settings()
     settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
-    _guard(settings)
+    _guard(settings, "both" if signer else "api")
     _configure_logging()
-    token = asyncio.run(_bootstrap(settings))
+    with errors_to_exit():
+        token = asyncio.run(_bootstrap(settings))
     if token:
         _print_admin_token(token)
     child = _start_signer(settings) if signer else None
@@ -137,17 +141,35 @@ def serve(
                 child.kill()
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM the signer when `custody serve` dies, however it dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _start_signer(settings: Settings) -> subprocess.Popen[bytes]:
-    child = subprocess.Popen([sys.executable, "-m", "custody", "signer", "run"])
+    child = subprocess.Popen([sys.executable, "-m", "custody", "signer", "run"], preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if child.poll() is not None:
-            raise typer.Exit(f"the signer exited with code {child.returncode}")  # type: ignore[arg-type]
+            typer.echo(f"error [signer_unavailable]: the signer exited with code {child.returncode}", err=True)
+            raise typer.Exit(1)
         try:
             status = run_signer_status(settings)
         except SignerUnavailable:
             time.sleep(0.1)
             continue
+        if status.get("pid") != child.pid:
+            child.terminate()
+            typer.echo(
+                f"error [signer_unavailable]: another signer already listens on {settings.socket_path}; "
+                "stop it or use `custody serve --no-signer`",
+                err=True,
+            )
+            raise typer.Exit(1)
         if status.get("sealed"):
             typer.echo(f"warning: the signer is SEALED: {status.get('reason')}", err=True)
         return child
@@ -182,13 +204,8 @@ def signer_run() -> None:
     from custody.signer.server import serve as serve_signer
 
     settings = _settings()
+    _guard(settings, "signer")
     _configure_logging()
-    try:
-        settings.require_safe()
-    except ConfigurationError as exc:
-        for problem in exc.extra.get("problems", []):
-            typer.echo(f"error [insecure_configuration]: {problem}", err=True)
-        raise typer.Exit(2) from None
     try:
         asyncio.run(serve_signer(settings))
     except RuntimeError as exc:
@@ -268,7 +285,12 @@ def wallet_import(
     with errors_to_exit(as_json):
         require_local(settings, "importing a key")
         if key_file is not None:
-            raw = key_file.read_text()
+            try:
+                raw = key_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InvalidRequest(
+                    f"cannot read the key file {key_file}: {getattr(exc, 'strerror', None) or 'not text'}"
+                ) from None
         elif sys.stdin.isatty():
             raw = getpass.getpass("private key (hex): ")
         else:
@@ -358,4 +380,5 @@ def db_upgrade() -> None:
 
 
 def main() -> None:
+    restore_recursion_limit()
     app()

@@ -10,7 +10,8 @@ from typing import Any
 
 import typer
 
-from custody.errors import CustodyError
+from custody.errors import CustodyError, DatabaseUnavailable
+from custody.storage.db import is_database_outage
 
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
@@ -26,7 +27,12 @@ def emit(data: Any, as_json: bool, human: Callable[[], None]) -> None:
 def errors_to_exit(as_json: bool = False) -> Iterator[None]:
     """Turn a CustodyError into a one-line message (or problem JSON) and exit code 1."""
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if is_database_outage(exc):
+                raise DatabaseUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
+            raise
     except CustodyError as exc:
         if as_json:
             typer.echo(json.dumps(exc.to_problem(), sort_keys=True), err=True)

@@ -39,6 +39,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 _VERSIONED_LINE = re.compile(r"^v(\d+):(.*)$", re.DOTALL)
 _CHECK_PLAINTEXT = b"agent-custody kek check"
+_CHECK_CONTEXT = b"agent-custody:v1:kek-check"
 
 
 class KekUnavailable(Exception):
@@ -258,28 +259,44 @@ class PassphraseKekSource:
             _write_private(path, secrets.token_bytes(16))
         return path.read_bytes()
 
+    def _checked_versions(self) -> set[int]:
+        found = set()
+        for path in self.directory.glob("passphrase-v*.check"):
+            number = path.name.removeprefix("passphrase-v").removesuffix(".check")
+            if number.isdigit():
+                found.add(int(number))
+        return found
+
     def open(self) -> KeyEncryptionKey:
+        """Derive every given version and check it against its stored check value.
+
+        Once versions are known, the highest known one must be given (and match): a
+        passphrase for a new version is accepted only together with the current one,
+        so nobody who lacks the current passphrase can install a KEK of their own.
+        """
         salt = self._salt()
+        given = parse_versioned_lines(self._raw())
+        known = self._checked_versions()
+        if known and max(known) not in given:
+            raise KekUnavailable(f"passphrase version {max(known)} (the current one) is not given")
         keys: dict[int, bytes] = {}
-        for version, passphrase in parse_versioned_lines(self._raw()).items():
+        for version, passphrase in given.items():
             if not passphrase:
                 raise KekUnavailable(f"passphrase version {version} is empty")
             kdf = Scrypt(salt=salt + str(version).encode(), length=KEY_BYTES, n=self.n, r=8, p=1)
             keys[version] = kdf.derive(passphrase.encode())
         keyring = LocalKeyring(keys)
-        for version in keyring.versions:
-            self._check(keyring, version)
+        for version in sorted(known & set(given)):
+            self._verify(keyring, version)
+        for version in sorted(set(given) - known):
+            _, blob = _wrap_with(keyring, version, _CHECK_PLAINTEXT, _CHECK_CONTEXT)
+            _write_private(self.directory / f"passphrase-v{version}.check", blob)
         return keyring
 
-    def _check(self, keyring: LocalKeyring, version: int) -> None:
+    def _verify(self, keyring: LocalKeyring, version: int) -> None:
         path = self.directory / f"passphrase-v{version}.check"
-        context = b"agent-custody:v1:kek-check"
-        if not path.exists():
-            _, blob = _wrap_with(keyring, version, _CHECK_PLAINTEXT, context)
-            _write_private(path, blob)
-            return
         try:
-            keyring.unwrap(version, path.read_bytes(), context)
+            keyring.unwrap(version, path.read_bytes(), _CHECK_CONTEXT)
         except KeyDecryptionError:
             raise KekUnavailable(f"passphrase version {version} does not match") from None
 

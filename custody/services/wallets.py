@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from custody.errors import Conflict, InvalidRequest, NotFound
+from custody.errors import Conflict, InvalidRequest, KekVersionUnchanged, NotFound
 from custody.services.context import Context
 from custody.storage.interfaces import Wallet
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def new_wallet_id() -> str:
@@ -20,7 +20,7 @@ def new_wallet_id() -> str:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidRequest(
             "a wallet name is 1-100 characters: letters, digits, '.', '_' or '-', starting with a letter or digit",
             field="name",
@@ -76,6 +76,12 @@ async def rotate_kek(ctx: Context, progress: Callable[[int, int], None] | None =
     versions = await ctx.signer.rotate_kek()
     target = int(versions["kek_version"])
     total = await ctx.wallets.count_envelopes(below_kek_version=target)
+    if total == 0 and target == int(versions["previous_version"]):
+        raise KekVersionUnchanged(
+            f"every data key is already under KEK version {target}: add version v{target + 1} to the "
+            "KEK secret or passphrase (CUSTODY_KEK_SECRET / CUSTODY_KEK_PASSPHRASE), restart the signer, "
+            "then rotate again"
+        )
     done = skipped = 0
     if progress:
         progress(0, total)

@@ -25,6 +25,20 @@ from custody.signer.protocol import (
 )
 
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Operations that are safe to send twice: reads, deterministic signatures (RFC 6979), and
+# key operations whose result is only stored by the caller. Rotation and unseal are not.
+_RETRYABLE = frozenset(
+    {
+        "status",
+        "public_key",
+        "sign_transaction",
+        "sign_typed_data",
+        "sign_message",
+        "rewrap",
+        "create_key",
+        "import_key",
+    }
+)
 
 
 class SignerClient:
@@ -42,6 +56,14 @@ class SignerClient:
                 "the signer is not reachable: start it with `custody serve` or `custody signer`"
             ) from None
 
+    def _pooled(self) -> _Connection | None:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
+
     async def _exchange(self, connection: _Connection, message: dict[str, Any]) -> dict[str, Any] | None:
         reader, writer = connection
         writer.write(encode_frame(message))
@@ -53,7 +75,7 @@ class SignerClient:
         reply: dict[str, Any] | None = None
         # A pooled connection may be stale (the signer restarted): then try once more on a
         # fresh one. A request that failed on a stale socket never reached the signer.
-        pooled = self._idle.pop() if self._idle else None
+        pooled = self._pooled() if op in _RETRYABLE else None
         for connection in ([pooled] if pooled else []) + [None]:
             connection = connection or await self._open()
             try:

@@ -62,14 +62,25 @@ def normalize_transaction(tx: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedSigningMethod("EIP-7702 authorizations are refused")
     if tx_type not in _ALLOWED_TX_TYPES:
         raise UnsupportedSigningMethod(f"transaction type {tx_type} is not supported")
-    if tx.get("chainId") in (None, 0, "0"):
-        raise InvalidTransaction("chainId is required (unprotected transactions can be replayed)")
     out: dict[str, Any] = {}
     for key, value in tx.items():
         if key in _NUMERIC_FIELDS and isinstance(value, str) and value.isdigit():
             out[key] = int(value)
         else:
             out[key] = value
+    chain_id = out.get("chainId")
+    if isinstance(chain_id, str):
+        try:
+            chain_id = int(chain_id, 16) if chain_id.lower().startswith("0x") else int(chain_id)
+        except ValueError:
+            raise InvalidTransaction("chainId is not a number") from None
+        out["chainId"] = chain_id
+    if not isinstance(chain_id, int) or isinstance(chain_id, bool) or chain_id < 1:
+        raise InvalidTransaction(
+            "chainId is required and must be at least 1 (unprotected transactions can be replayed)"
+        )
+    if tx_type == 0:
+        out.pop("type", None)  # eth-account infers legacy transactions from their fields
     return out
 
 

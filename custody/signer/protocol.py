@@ -68,6 +68,8 @@ async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
         message = json.loads(body)
     except ValueError:
         raise ProtocolError("frame is not JSON") from None
+    except RecursionError:
+        raise ProtocolError("frame is nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
     return message

@@ -32,6 +32,7 @@ from custody.keys.kek import (
     PassphraseKekSource,
     SecretKekSource,
 )
+from custody.runtime import restore_recursion_limit
 from custody.settings import Settings
 from custody.signer import evm
 from custody.signer.protocol import (
@@ -230,19 +231,22 @@ class SignerCore:
         return {"previous_version": before, "kek_version": self._kek.current_version}
 
     def unseal(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Unseal a sealed signer; an unsealed one refuses, so its KEK cannot be swapped."""
+        if not self.sealed:
+            raise InvalidRequest("the signer is already unsealed")
         passphrase = request.get("passphrase")
-        if passphrase is not None:
-            if not isinstance(self.source, PassphraseKekSource) or not isinstance(passphrase, str):
-                raise InvalidRequest("a passphrase unseals only a signer with CUSTODY_KEK_SOURCE=passphrase")
-            candidate = self.source.with_passphrase(passphrase)
-            try:
-                self._kek = candidate.open()
-            except KekUnavailable as exc:
-                raise InvalidRequest(f"unseal failed: {exc}") from None
-            self.source = candidate
-            self.sealed_reason = None
-        elif self.sealed:
+        if passphrase is None:
             self.try_unseal()
+            return self.status({})
+        if not isinstance(self.source, PassphraseKekSource) or not isinstance(passphrase, str):
+            raise InvalidRequest("a passphrase unseals only a signer with CUSTODY_KEK_SOURCE=passphrase")
+        candidate = self.source.with_passphrase(passphrase)
+        try:
+            self._kek = candidate.open()
+        except KekUnavailable as exc:
+            raise InvalidRequest(f"unseal failed: {exc}") from None
+        self.source = candidate
+        self.sealed_reason = None
         return self.status({})
 
 
@@ -322,6 +326,7 @@ async def serve(
     ready: Callable[[SignerCore], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or until ``stop`` is set, when given)."""
+    restore_recursion_limit()
     core = SignerCore.from_settings(settings)
     if core.sealed:
         log.warning("signer started SEALED: %s", core.sealed_reason)

@@ -15,10 +15,19 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x637573746F6479  # arbitrary, constant across replicas
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    """True for errors that mean "the database cannot be reached", not "the query is wrong"."""
+    if isinstance(exc, (OperationalError, InterfaceError, SATimeoutError, OSError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def create_engine(url: str) -> AsyncEngine:

@@ -59,7 +59,7 @@ async def test_duplicate_wallet_name_is_a_conflict_and_creates_nothing(api: API)
     assert len((await client.get("/admin/v1/wallets")).json()["wallets"]) == 1
 
 
-@pytest.mark.parametrize("name", ["", "has space", "-leading-dash", "x" * 101, "名前"])
+@pytest.mark.parametrize("name", ["", "has space", "-leading-dash", "x" * 101, "名前", "trailing\n"])
 async def test_invalid_wallet_names_are_refused_with_a_problem(api: API, name: str) -> None:
     client, _ = api
     response = await client.post("/admin/v1/wallets", json={"name": name})
@@ -161,3 +161,28 @@ async def test_a_sealed_signer_makes_the_service_not_ready_and_creates_nothing(
                 assert await app.state.ctx.wallets.list() == []
     finally:
         sealed.stop()
+
+
+async def test_a_deeply_nested_body_is_a_400_not_a_crash(api: API) -> None:
+    client, _ = api
+    body = "[" * 100_000 + "]" * 100_000
+    response = await client.post("/admin/v1/wallets", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_request"
+    assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_a_body_over_one_mebibyte_is_refused_with_413(api: API) -> None:
+    client, _ = api
+    response = await client.post("/admin/v1/wallets", json={"name": "x" * (1 << 20)})
+    assert response.status_code == 413
+    assert response.json()["code"] == "payload_too_large"
+    assert (await client.get("/admin/v1/wallets")).json()["wallets"] == []
+
+
+async def test_a_wrong_method_is_a_problem_with_the_http_title(api: API) -> None:
+    client, _ = api
+    response = await client.delete("/admin/v1/wallets")
+    assert response.status_code == 405
+    assert response.json()["title"] == "Method Not Allowed"
+    assert response.json()["code"] == "http_405"

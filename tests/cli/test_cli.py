@@ -179,9 +179,38 @@ def test_production_mode_refuses_insecure_defaults_naming_each_setting(
 ) -> None:
     monkeypatch.setenv("CUSTODY_MODE", "production")
     monkeypatch.setenv("CUSTODY_SIGNER_SOCKET_MODE", "0666")
-    for command in (("serve",), ("signer", "run")):
+    expected = {
+        ("serve",): {"CUSTODY_KEK_SOURCE", "CUSTODY_DATABASE_URL", "CUSTODY_SIGNER_SOCKET_MODE"},
+        ("signer", "run"): {"CUSTODY_KEK_SOURCE", "CUSTODY_SIGNER_SOCKET_MODE"},
+        ("serve", "--no-signer"): {"CUSTODY_DATABASE_URL"},
+    }
+    every = {"CUSTODY_KEK_SOURCE", "CUSTODY_DATABASE_URL", "CUSTODY_SIGNER_SOCKET_MODE"}
+    for command, named in expected.items():
         code, _, err = run(*command)
         assert code == 2
-        assert "CUSTODY_KEK_SOURCE" in err
-        assert "CUSTODY_DATABASE_URL" in err
-        assert "CUSTODY_SIGNER_SOCKET_MODE" in err
+        assert {setting for setting in every if setting in err} == named, command
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_production_api_starts_its_checks_without_any_kek_setting(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUSTODY_MODE", "production")
+    monkeypatch.setenv("CUSTODY_ALLOW_SQLITE", "true")
+    settings = Settings()
+    assert settings.production_problems("api") == []
+    assert any("CUSTODY_KEK_SOURCE" in p for p in settings.production_problems("signer"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_an_unreachable_database_is_a_clear_error_not_a_traceback(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CUSTODY_DATABASE_URL", "postgresql://postgres@127.0.0.1:1/none")
+    code, _, err = run("wallet", "list")
+    assert code == 1
+    assert err.startswith("error [database_unavailable]")
+    assert "Traceback" not in err
+    code, _, err = run("wallet", "import", "x", "--key-file", str(tmp_path / "missing"))
+    assert code == 1
+    assert "error [invalid_request]: cannot read the key file" in err

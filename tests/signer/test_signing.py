@@ -224,3 +224,40 @@ def test_public_key_operation_reports_the_address_of_the_envelope(core: SignerCo
     assert result["address"] == "0xCD2a3d9F938E13CD947Ec05AbC7FE734Df8DD826"
     assert result["public_key"] == sealed["public_key"]
     assert len(bytes.fromhex(result["public_key"][2:])) == 65
+
+
+def test_an_unsealed_signer_refuses_unseal_so_its_kek_cannot_be_swapped(tmp_path: Path) -> None:
+    core = SignerCore(PassphraseKekSource("a long passphrase here", tmp_path / "kek", n=2**10))
+    sealed = _import(core, EIP155_KEY)
+    with pytest.raises(InvalidRequest, match="already unsealed"):
+        core.handle({"op": "unseal", "passphrase": "v9:attacker chosen"})
+    assert core.handle({"op": "status"})["kek_versions"] == [1]
+    result = core.handle({"op": "sign_transaction", "envelope": sealed["envelope"], "transaction": EIP155_TX})
+    assert result["raw_transaction"] == EIP155_SIGNED
+
+
+def test_a_sealed_signer_accepts_a_new_passphrase_version_only_with_the_current_one(tmp_path: Path) -> None:
+    SignerCore(PassphraseKekSource("a long passphrase here", tmp_path / "kek", n=2**10))
+    core = SignerCore(PassphraseKekSource(None, tmp_path / "kek", n=2**10))
+    with pytest.raises(InvalidRequest, match=r"version 1 \(the current one\) is not given"):
+        core.handle({"op": "unseal", "passphrase": "v9:attacker chosen"})
+    assert core.sealed
+    status = core.handle({"op": "unseal", "passphrase": "v1:a long passphrase here\nv2:the next passphrase"})
+    assert status["kek_versions"] == [1, 2]
+
+
+@pytest.mark.parametrize("chain_id", ["00", "0x0", 0, -1, "0xzz", True])
+def test_a_zero_or_malformed_chain_id_is_refused(core: SignerCore, chain_id: object) -> None:
+    sealed = _import(core, EIP155_KEY)
+    with pytest.raises(InvalidTransaction, match="chainId"):
+        core.handle(
+            {"op": "sign_transaction", "envelope": sealed["envelope"], "transaction": EIP155_TX | {"chainId": chain_id}}
+        )
+
+
+def test_an_explicit_legacy_type_signs_like_the_eip155_example(core: SignerCore) -> None:
+    sealed = _import(core, EIP155_KEY)
+    for tx_type in (0, "0x0"):
+        tx = EIP155_TX | {"type": tx_type}
+        result = core.handle({"op": "sign_transaction", "envelope": sealed["envelope"], "transaction": tx})
+        assert result["raw_transaction"] == EIP155_SIGNED

@@ -98,3 +98,17 @@ async def test_client_recovers_after_the_signer_restarts(settings: Settings, sig
             restarted.stop()
     finally:
         await client.close()
+
+
+async def test_a_deeply_nested_frame_is_refused_and_the_signer_survives(
+    settings: Settings, signer_client: SignerClient
+) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(settings.socket_path))
+    body = b"[" * 150_000 + b"]" * 150_000
+    writer.write(struct.pack(">I", len(body)) + body)
+    await writer.drain()
+    header = await reader.readexactly(4)
+    reply = await reader.readexactly(struct.unpack(">I", header)[0])
+    assert b"nested too deeply" in reply
+    writer.close()
+    assert (await signer_client.status())["sealed"] is False
