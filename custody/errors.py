@@ -14,7 +14,10 @@ never from secret values.
     ├── Unauthorized            401  unauthorized
     ├── Forbidden               403  forbidden
     ├── NotFound                404  not_found
+    ├── PolicyDenied            403  policy_denied (carries every reason)
     ├── Conflict                409  conflict
+    │   └── IdempotencyConflict 409  idempotency_conflict
+    ├── Frozen                  423  frozen
     ├── ConfigurationError      (startup only) insecure_configuration
     ├── KeyDecryptionError      500  key_decryption_failed (uniform for any tamper)
     └── DependencyUnavailable   503  dependency_unavailable
@@ -100,6 +103,23 @@ class Conflict(CustodyError):
     code = "conflict"
     status = 409
     title = "Conflict"
+
+
+class IdempotencyConflict(Conflict):
+    code = "idempotency_conflict"
+    title = "Idempotency key reused with another request"
+
+
+class PolicyDenied(CustodyError):
+    code = "policy_denied"
+    status = 403
+    title = "Denied by policy"
+
+
+class Frozen(CustodyError):
+    code = "frozen"
+    status = 423
+    title = "Frozen by an operator"
 
 
 class ConfigurationError(CustodyError):
