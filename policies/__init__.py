@@ -3,6 +3,7 @@
 No I/O: the current time and the spend history are passed in. Public API::
 
     evaluate(policy, intent, spend, now, grant=None) -> Decision
+    limits(policy, spend, now, grant=None) -> tuple[Limit, ...]   (what may I spend?)
     load_policy(mapping) -> Policy          load_grant(mapping, policy=None) -> Grant
     policy_json_schema() -> dict            grant_json_schema() -> dict
 """
@@ -22,6 +23,7 @@ from policies.document import (
 )
 from policies.engine import evaluate
 from policies.intent import AllowanceType, DangerousOperation, Intent, IntentKind, TypedDataDomain
+from policies.limits import Limit, limits
 from policies.memory import MemorySpend
 from policies.spend import PAYMENTS_COUNTER, USD_COUNTER, SpendRecord, SpendView, asset_counter
 
@@ -41,6 +43,7 @@ __all__ = [
     "Grant",
     "Intent",
     "IntentKind",
+    "Limit",
     "MemorySpend",
     "Policy",
     "PolicyValidationError",
@@ -53,6 +56,7 @@ __all__ = [
     "asset_counter",
     "evaluate",
     "grant_json_schema",
+    "limits",
     "load_grant",
     "load_policy",
     "policy_json_schema",

@@ -5,30 +5,23 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from custody import __version__
-from custody.api import problems
+from custody.api import admin_routes, agent_routes, problems
+from custody.api.deps import Admin, AnyOperator, Ctx, problem_responses
 from custody.errors import CustodyError
 from custody.runtime import restore_recursion_limit
 from custody.schemas import WalletCreate, WalletList, WalletOut
-from custody.services import operators as operator_service
 from custody.services import wallets as wallet_service
 from custody.services.context import Context
 from custody.settings import Settings
-from custody.storage.interfaces import Operator
 
 log = logging.getLogger("custody.api")
-_bearer = HTTPBearer(auto_error=False, description="An operator token (`cop.…`)")
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": problems.Problem, "content": {problems.PROBLEM_JSON: {}}}
-    for status in (400, 401, 403, 404, 409, 503)
-}
+_PROBLEMS = problem_responses(400, 401, 403, 404, 409, 413, 503)
 
 
 class Health(BaseModel):
@@ -40,29 +33,6 @@ class Readiness(BaseModel):
     status: str
     database: str
     signer: str
-
-
-def _context(request: Request) -> Context:
-    ctx: Context = request.app.state.ctx
-    return ctx
-
-
-Ctx = Annotated[Context, Depends(_context)]
-
-
-async def _operator(
-    ctx: Ctx, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Operator:
-    return await operator_service.authenticate(ctx, credentials.credentials if credentials else None)
-
-
-async def _admin(operator: Annotated[Operator, Depends(_operator)]) -> Operator:
-    operator_service.require_role(operator, "admin")
-    return operator
-
-
-AnyOperator = Annotated[Operator, Depends(_operator)]
-Admin = Annotated[Operator, Depends(_admin)]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -83,6 +53,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.include_router(agent_routes.router)
+    app.include_router(admin_routes.router)
     app.add_middleware(problems.BodyLimit)
     restore_recursion_limit()
 
@@ -109,9 +81,9 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.post("/admin/v1/wallets", response_model=WalletOut, status_code=201, tags=["wallets"], responses=_PROBLEMS)
-    async def create_wallet(body: WalletCreate, ctx: Ctx, _: Admin) -> WalletOut:
+    async def create_wallet(body: WalletCreate, ctx: Ctx, operator: Admin) -> WalletOut:
         """Create a wallet; its key is generated inside the signer and never leaves it."""
-        return WalletOut.of(await wallet_service.create_wallet(ctx, body.name))
+        return WalletOut.of(await wallet_service.create_wallet(ctx, body.name, actor=f"operator:{operator.id}"))
 
     @app.get("/admin/v1/wallets", response_model=WalletList, tags=["wallets"], responses=_PROBLEMS)
     async def list_wallets(ctx: Ctx, _: AnyOperator) -> WalletList:

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import typer
 
-from custody.cli.operator import operator_for, require_local, run_local
+from custody.cli.admin import register_admin_commands
+from custody.cli.audit import audit_app
+from custody.cli.operator import admin_request, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
 from custody.cli.policy import policy_app
 from custody.errors import ConfigurationError, InvalidRequest, SignerUnavailable
@@ -39,6 +41,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(signer_app, name="signer")
 app.add_typer(db_app, name="db")
 app.add_typer(policy_app, name="policy")
+register_admin_commands(app, policy_app)
+app.add_typer(audit_app, name="audit")
 
 
 def _settings() -> Settings:
@@ -270,7 +274,7 @@ def wallet_create(
     """Create a wallet; its key is generated inside the signer."""
     settings = _settings()
     with errors_to_exit(as_json):
-        wallet = operator_for(settings).create_wallet(name)
+        wallet = WalletOut.model_validate(admin_request(settings, "POST", "/admin/v1/wallets", json={"name": name}))
     emit(wallet.model_dump(), as_json, lambda: _print_wallet(wallet))
 
 
@@ -318,7 +322,8 @@ def wallet_list(as_json: bool = JsonOption) -> None:
     """List wallets with their addresses."""
     settings = _settings()
     with errors_to_exit(as_json):
-        wallets = operator_for(settings).list_wallets()
+        data = admin_request(settings, "GET", "/admin/v1/wallets")
+        wallets = [WalletOut.model_validate(item) for item in data["wallets"]]
 
     def human() -> None:
         if not wallets:
@@ -334,7 +339,7 @@ def wallet_show(wallet_id: str, as_json: bool = JsonOption) -> None:
     """Show one wallet."""
     settings = _settings()
     with errors_to_exit(as_json):
-        wallet = operator_for(settings).get_wallet(wallet_id)
+        wallet = WalletOut.model_validate(admin_request(settings, "GET", f"/admin/v1/wallets/{wallet_id}"))
     emit(wallet.model_dump(), as_json, lambda: typer.echo(json.dumps(wallet.model_dump(), indent=2)))
 
 

@@ -1,35 +1,31 @@
-"""How the CLI reaches the service.
+"""How the CLI reaches the service: always through the admin API.
 
-With ``CUSTODY_URL`` set, commands go to the admin API with ``CUSTODY_ADMIN_TOKEN``.
-Otherwise they work on the local data directory (``CUSTODY_DATA_DIR``) directly,
-through the same application services the API uses, and reach the local signer
-socket. Some operations exist only locally (importing a key, rotating the KEK):
-they touch the signer and must run on its host.
+With ``CUSTODY_URL`` set, requests go over HTTP with ``CUSTODY_ADMIN_TOKEN``. Otherwise
+the CLI runs the same application in-process on the local data directory
+(``CUSTODY_DATA_DIR``) and acts as a local operator: the one named by ``--operator`` /
+``CUSTODY_OPERATOR`` (default ``admin``, the operator ``custody init`` creates), with that
+operator's role. Whoever can run commands on the data directory already owns it, so no
+token is needed there. One code path serves both modes.
+
+Some operations exist only locally (importing a key, rotating the KEK): they touch the
+signer and must run on its host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
-from custody.errors import CustodyError, DependencyUnavailable, InvalidRequest, error_from_code
-from custody.schemas import WalletOut
-from custody.services import wallets as wallet_service
+from custody.errors import CustodyError, DependencyUnavailable, InvalidRequest, Unauthorized, error_from_code
 from custody.services.context import Context
 from custody.settings import Settings
 
 T = TypeVar("T")
-
-
-class Operator(Protocol):
-    def create_wallet(self, name: str) -> WalletOut: ...
-
-    def list_wallets(self) -> list[WalletOut]: ...
-
-    def get_wallet(self, wallet_id: str) -> WalletOut: ...
+_PROBLEM_FIELDS = {"type", "title", "status", "detail", "code", "instance"}
 
 
 def run_local(settings: Settings, work: Callable[[Context], Awaitable[T]]) -> T:
@@ -43,56 +39,51 @@ def run_local(settings: Settings, work: Callable[[Context], Awaitable[T]]) -> T:
     return asyncio.run(_run())
 
 
-class LocalOperator:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    def create_wallet(self, name: str) -> WalletOut:
-        return WalletOut.of(run_local(self.settings, lambda ctx: wallet_service.create_wallet(ctx, name)))
-
-    def list_wallets(self) -> list[WalletOut]:
-        return [WalletOut.of(w) for w in run_local(self.settings, lambda ctx: ctx.wallets.list())]
-
-    def get_wallet(self, wallet_id: str) -> WalletOut:
-        return WalletOut.of(run_local(self.settings, lambda ctx: wallet_service.get_wallet(ctx, wallet_id)))
+def _decode(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json() if response.content else None
+    try:
+        problem = response.json()
+    except ValueError:
+        raise CustodyError(f"HTTP {response.status_code} from the service") from None
+    extra = {k: v for k, v in problem.items() if k not in _PROBLEM_FIELDS}
+    raise error_from_code(str(problem.get("code")), str(problem.get("detail")), **extra)
 
 
-class RemoteOperator:
-    def __init__(self, url: str, token: str | None) -> None:
-        self.url = url.rstrip("/")
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+async def _local(settings: Settings, operator_name: str, method: str, path: str, **kwargs: Any) -> Any:
+    from custody.api.app import create_app
+    from custody.api.deps import _operator
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            with httpx.Client(base_url=self.url, headers=self.headers, timeout=30.0) as http:
-                response = http.request(method, path, **kwargs)
-        except httpx.HTTPError:
-            raise DependencyUnavailable(f"cannot reach the service at {self.url}") from None
-        if response.is_success:
-            return response.json()
-        try:
-            problem = response.json()
-        except ValueError:
-            raise CustodyError(f"HTTP {response.status_code} from the service") from None
-        extra = {k: v for k, v in problem.items() if k not in {"type", "title", "status", "detail", "code", "instance"}}
-        raise error_from_code(str(problem.get("code")), str(problem.get("detail")), **extra)
-
-    def create_wallet(self, name: str) -> WalletOut:
-        return WalletOut.model_validate(self._request("POST", "/admin/v1/wallets", json={"name": name}))
-
-    def list_wallets(self) -> list[WalletOut]:
-        data = self._request("GET", "/admin/v1/wallets")
-        return [WalletOut.model_validate(item) for item in data["wallets"]]
-
-    def get_wallet(self, wallet_id: str) -> WalletOut:
-        return WalletOut.model_validate(self._request("GET", f"/admin/v1/wallets/{wallet_id}"))
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        ctx: Context = app.state.ctx
+        operator = await ctx.operators.get_by_name(operator_name)
+        if operator is None or operator.revoked_at is not None:
+            raise Unauthorized(f"no active operator named {operator_name!r} (run `custody init`, or pass --operator)")
+        app.dependency_overrides[_operator] = lambda: operator
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://custody.local") as http:
+            return _decode(await http.request(method, path, **kwargs))
 
 
-def operator_for(settings: Settings) -> Operator:
+async def _remote(settings: Settings, method: str, path: str, **kwargs: Any) -> Any:
+    assert settings.url is not None
+    token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with httpx.AsyncClient(base_url=settings.url.rstrip("/"), headers=headers, timeout=60.0) as http:
+            response = await http.request(method, path, **kwargs)
+    except httpx.HTTPError:
+        raise DependencyUnavailable(f"cannot reach the service at {settings.url}") from None
+    return _decode(response)
+
+
+def admin_request(settings: Settings, method: str, path: str, *, operator: str | None = None, **kwargs: Any) -> Any:
+    """One admin API call, remote or in-process; problems come back as CustodyError."""
     if settings.url:
-        token = settings.admin_token.get_secret_value() if settings.admin_token else None
-        return RemoteOperator(settings.url, token)
-    return LocalOperator(settings)
+        return asyncio.run(_remote(settings, method, path, **kwargs))
+    name = operator or os.environ.get("CUSTODY_OPERATOR") or "admin"
+    return asyncio.run(_local(settings, name, method, path, **kwargs))
 
 
 def require_local(settings: Settings, what: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from custody.audit.log import AuditLog
 from custody.settings import Settings, ensure_private_dir
 from custody.signer.client import SignerClient
 from custody.storage.db import create_engine, migrate
@@ -31,6 +32,7 @@ class Context:
     wallets: SqlWalletStore
     operators: SqlOperatorStore
     signer: SignerClient
+    audit: AuditLog
 
     @classmethod
     async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Context:
@@ -45,6 +47,7 @@ class Context:
             wallets=SqlWalletStore(engine),
             operators=SqlOperatorStore(engine),
             signer=SignerClient(settings.socket_path, timeout=settings.signer_timeout_seconds),
+            audit=AuditLog(engine),
         )
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Literal
 
-from custody.errors import Forbidden, Unauthorized
+from custody.errors import Conflict, Forbidden, Unauthorized
 from custody.services.context import Context
 from custody.storage.interfaces import Operator
 
@@ -27,6 +27,9 @@ def digest(secret: str) -> str:
 
 
 async def issue_operator(ctx: Context, name: str, role: Role) -> tuple[Operator, str]:
+    # Names are what approver groups list, so they must be unique.
+    if await ctx.operators.get_by_name(name) is not None:
+        raise Conflict(f"an operator named {name!r} already exists")
     operator_id = "op_" + secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
     operator = Operator(operator_id, name, role, digest(secret), datetime.now(UTC), None)

@@ -27,7 +27,7 @@ def _check_name(name: str) -> None:
         )
 
 
-async def create_wallet(ctx: Context, name: str) -> Wallet:
+async def create_wallet(ctx: Context, name: str, actor: str = "operator:local") -> Wallet:
     _check_name(name)
     if await ctx.wallets.get_by_name(name) is not None:
         raise Conflict(f"a wallet named {name!r} already exists")
@@ -35,10 +35,11 @@ async def create_wallet(ctx: Context, name: str) -> Wallet:
     address, public_key, envelope = await ctx.signer.create_key(wallet_id)
     wallet = Wallet(wallet_id, name, address, public_key, envelope.key_version, datetime.now(UTC))
     await ctx.wallets.add(wallet, envelope)
+    await ctx.audit.append("wallet.created", actor=actor, subject=wallet.id, data={"name": name, "address": address})
     return wallet
 
 
-async def import_wallet(ctx: Context, name: str, private_key: bytes) -> Wallet:
+async def import_wallet(ctx: Context, name: str, private_key: bytes, actor: str = "operator:local") -> Wallet:
     """Operator-only (local CLI): the key goes straight to the signer to be sealed."""
     _check_name(name)
     if await ctx.wallets.get_by_name(name) is not None:
@@ -47,6 +48,7 @@ async def import_wallet(ctx: Context, name: str, private_key: bytes) -> Wallet:
     address, public_key, envelope = await ctx.signer.import_key(wallet_id, private_key)
     wallet = Wallet(wallet_id, name, address, public_key, envelope.key_version, datetime.now(UTC))
     await ctx.wallets.add(wallet, envelope)
+    await ctx.audit.append("wallet.imported", actor=actor, subject=wallet.id, data={"name": name, "address": address})
     return wallet
 
 
@@ -93,4 +95,9 @@ async def rotate_kek(ctx: Context, progress: Callable[[int, int], None] | None =
             skipped += 1
         if progress:
             progress(done + skipped, total)
+    await ctx.audit.append(
+        "kek.rotated",
+        actor="operator:local",
+        data={"previous_version": int(versions["previous_version"]), "kek_version": target, "rewrapped": done},
+    )
     return RotationResult(int(versions["previous_version"]), target, done, skipped)

@@ -8,6 +8,8 @@ from migrating at the same time.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,24 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x637573746F6479  # arbitrary, constant across replicas
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that takes SQLite's write lock up front (``BEGIN IMMEDIATE``).
+
+    Without it, a SQLite transaction that reads and then writes can fail with "database is
+    locked" when another writer got there first; with it, writers queue on the busy timeout.
+    PostgreSQL ignores the option.
+    """
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(sqlite_immediate=True)
+        async with conn.begin():
+            yield conn
 
 
 def is_database_outage(exc: BaseException) -> bool:
@@ -42,9 +58,30 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            _register_sum(dbapi_connection)
+            # Transactions are begun explicitly (see _begin) so a decision can take the write lock up front.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _begin(connection: Connection) -> None:
+            immediate = connection.get_execution_options().get("sqlite_immediate", False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _register_sum(dbapi_connection: Any) -> None:
+    """Register ``custody_sum`` (exact big-integer SUM) on the sqlite3 connection.
+
+    aiosqlite owns the sqlite3 connection on its own thread; the registration runs there.
+    """
+    from sqlalchemy.util import await_
+
+    from custody.storage.types import ExactSum
+
+    aio = dbapi_connection._connection
+    await_(aio._execute(aio._conn.create_aggregate, "custody_sum", 1, ExactSum))
 
 
 def _alembic_config(connection: Connection) -> Config:

@@ -154,6 +154,12 @@ class SqlOperatorStore:
         revoked = _aware(row.revoked_at) if row.revoked_at else None
         return Operator(row.id, row.name, row.role, row.secret_hash, _aware(row.created_at), revoked)
 
+    async def get_by_name(self, name: str) -> Operator | None:
+        async with self.engine.connect() as conn:
+            query = select(operators.c.id).where(operators.c.name == name).order_by(operators.c.created_at)
+            row = (await conn.execute(query)).first()
+        return None if row is None else await self.get(row.id)
+
     async def count(self) -> int:
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(operators))).scalar_one())

@@ -28,6 +28,13 @@ def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return values
 
 
+@pytest.fixture
+def local(env: dict[str, str]) -> dict[str, str]:
+    """An initialized data directory: the local CLI acts as its first admin."""
+    assert run("init", "--json")[0] == 0
+    return env
+
+
 def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args), input=stdin)
     return result.exit_code, result.stdout, result.stderr
@@ -47,7 +54,7 @@ def test_init_creates_private_data_and_prints_the_admin_token_once(settings: Set
     assert json.loads(out) == {"data_dir": str(settings.data_dir), "admin_token": None, "initialized": False}
 
 
-def test_wallet_create_list_and_show_in_local_mode(env: dict[str, str], signer: SignerThread) -> None:
+def test_wallet_create_list_and_show_in_local_mode(local: dict[str, str], signer: SignerThread) -> None:
     code, out, _ = run("wallet", "create", "ops-bot", "--json")
     assert code == 0
     wallet = json.loads(out)
@@ -82,7 +89,7 @@ def test_wallet_import_reads_the_key_from_stdin(env: dict[str, str], signer: Sig
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_wallet_import_takes_no_key_argument(env: dict[str, str], signer: SignerThread) -> None:
+def test_wallet_import_takes_no_key_argument(local: dict[str, str], signer: SignerThread) -> None:
     code, out, err = run("wallet", "import", "named", KNOWN_KEY)
     assert code == 2
     assert "unexpected extra argument" in (out + err).lower()
@@ -103,7 +110,7 @@ def test_wallet_import_refuses_malformed_keys_without_echoing_them(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_wallet_create_without_a_signer_fails_clearly(env: dict[str, str]) -> None:
+def test_wallet_create_without_a_signer_fails_clearly(local: dict[str, str]) -> None:
     code, _, err = run("wallet", "create", "orphan")
     assert code == 1
     assert "error [signer_unavailable]" in err
@@ -111,7 +118,7 @@ def test_wallet_create_without_a_signer_fails_clearly(env: dict[str, str]) -> No
     assert json.loads(out)["wallets"] == []
 
 
-def test_rotate_kek_with_json_prints_only_json(env: dict[str, str], signer: SignerThread) -> None:
+def test_rotate_kek_with_json_prints_only_json(local: dict[str, str], signer: SignerThread) -> None:
     for name in ("a", "b", "c"):
         assert run("wallet", "create", name)[0] == 0
     code, out, err = run("keys", "rotate-kek", "--json")
@@ -121,7 +128,7 @@ def test_rotate_kek_with_json_prints_only_json(env: dict[str, str], signer: Sign
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_rotate_kek_shows_progress_when_asked(env: dict[str, str], signer: SignerThread) -> None:
+def test_rotate_kek_shows_progress_when_asked(local: dict[str, str], signer: SignerThread) -> None:
     assert run("wallet", "create", "a")[0] == 0
     code, out, err = run("keys", "rotate-kek", "--progress")
     assert code == 0

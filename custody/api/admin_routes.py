@@ -1,0 +1,263 @@
+"""The operator API: agents and keys, wallet policies and grants, approvals, the kill switch."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, Field
+
+from custody.api.deps import Admin, AnyOperator, Approver, Ctx, problem_responses
+from custody.audit.log import AuditEvent, VerifyResult
+from custody.errors import NotFound
+from custody.payments import agents as agent_service
+from custody.payments import documents
+from custody.payments import service as payment_service
+
+router = APIRouter(prefix="/admin/v1")
+_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 423, 503)
+
+
+class AgentCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class AgentOut(BaseModel):
+    id: str
+    name: str
+    created_at: str
+
+
+class AgentList(BaseModel):
+    agents: list[AgentOut]
+
+
+class KeyCreate(BaseModel):
+    wallet_ids: list[str] = Field(min_length=1, description="The wallets this key may use.")
+    expires_at: datetime | None = None
+
+
+class KeyOut(BaseModel):
+    id: str
+    agent_id: str
+    wallet_ids: list[str]
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+
+
+class IssuedKey(BaseModel):
+    key: KeyOut
+    api_key: str = Field(description="Shown once; only a digest is stored.")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+class PolicyIn(BaseModel):
+    document: dict[str, Any] = Field(description="A policy document (see docs/policies.md).")
+
+
+class PolicyOut(BaseModel):
+    wallet_id: str
+    version: int
+    document: dict[str, Any]
+    created_at: str
+    created_by: str
+
+
+class PolicyHistory(BaseModel):
+    versions: list[PolicyOut]
+
+
+class GrantOut(BaseModel):
+    agent_id: str
+    wallet_id: str
+    version: int
+
+
+class Vote(BaseModel):
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class VoteResult(BaseModel):
+    payment_id: str
+    status: str
+    approvals: list[str] | None = None
+    result: dict[str, Any] | None = None
+    reasons: list[dict[str, Any]] | None = None
+
+
+class Approvals(BaseModel):
+    pending: list[dict[str, Any]]
+
+
+class FreezeIn(BaseModel):
+    scope: Literal["all", "wallet", "agent"]
+    target: str | None = Field(default=None, description="The wallet or agent id (not for 'all').")
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class Freezes(BaseModel):
+    freezes: list[dict[str, Any]]
+
+
+def _key(key: agent_service.AgentKey) -> KeyOut:
+    return KeyOut(
+        id=key.id,
+        agent_id=key.agent_id,
+        wallet_ids=list(key.wallet_ids),
+        created_at=key.created_at.isoformat(),
+        expires_at=key.expires_at.isoformat() if key.expires_at else None,
+        revoked_at=key.revoked_at.isoformat() if key.revoked_at else None,
+    )
+
+
+def _policy(version: documents.PolicyVersion) -> PolicyOut:
+    return PolicyOut(
+        wallet_id=version.wallet_id,
+        version=version.version,
+        document=version.document,
+        created_at=version.created_at.isoformat(),
+        created_by=version.created_by,
+    )
+
+
+@router.post("/agents", response_model=AgentOut, status_code=201, tags=["agents"], responses=_ERRORS)
+async def create_agent(body: AgentCreate, ctx: Ctx, operator: Admin) -> AgentOut:
+    agent = await agent_service.create_agent(ctx, body.name, f"operator:{operator.id}")
+    return AgentOut(id=agent.id, name=agent.name, created_at=agent.created_at.isoformat())
+
+
+@router.get("/agents", response_model=AgentList, tags=["agents"], responses=_ERRORS)
+async def list_agents(ctx: Ctx, _: AnyOperator) -> AgentList:
+    return AgentList(
+        agents=[
+            AgentOut(id=a.id, name=a.name, created_at=a.created_at.isoformat())
+            for a in await agent_service.list_agents(ctx)
+        ]
+    )
+
+
+@router.post("/agents/{agent_id}/keys", response_model=IssuedKey, status_code=201, tags=["agents"], responses=_ERRORS)
+async def issue_key(agent_id: str, body: KeyCreate, ctx: Ctx, operator: Admin) -> IssuedKey:
+    """Issue an API key for an agent, scoped to wallets; the key is in this response only."""
+    key, secret = await agent_service.issue_key(
+        ctx, agent_id, body.wallet_ids, body.expires_at, f"operator:{operator.id}"
+    )
+    return IssuedKey(key=_key(key), api_key=secret)
+
+
+@router.get("/agents/{agent_id}/keys", response_model=KeyList, tags=["agents"], responses=_ERRORS)
+async def list_keys(agent_id: str, ctx: Ctx, _: AnyOperator) -> KeyList:
+    await agent_service.get_agent(ctx, agent_id)
+    return KeyList(keys=[_key(k) for k in await agent_service.list_keys(ctx, agent_id)])
+
+
+@router.delete("/agents/{agent_id}/keys/{key_id}", status_code=204, tags=["agents"], responses=_ERRORS)
+async def revoke_key(agent_id: str, key_id: str, ctx: Ctx, operator: Admin) -> Response:
+    """Revoke a key; it stops working immediately."""
+    await agent_service.revoke_key(ctx, agent_id, key_id, f"operator:{operator.id}")
+    return Response(status_code=204)
+
+
+@router.put("/wallets/{wallet_id}/policy", response_model=PolicyOut, tags=["policies"], responses=_ERRORS)
+async def set_policy(wallet_id: str, body: PolicyIn, ctx: Ctx, operator: Admin) -> PolicyOut:
+    """Set a new policy version for a wallet (versions are kept)."""
+    return _policy(await documents.set_policy(ctx, wallet_id, body.document, operator.id))
+
+
+@router.get("/wallets/{wallet_id}/policy", response_model=PolicyOut, tags=["policies"], responses=_ERRORS)
+async def get_policy(wallet_id: str, ctx: Ctx, _: AnyOperator) -> PolicyOut:
+    history = await documents.policy_history(ctx, wallet_id)
+    if not history:
+        raise NotFound("this wallet has no policy")
+    return _policy(history[-1])
+
+
+@router.get("/wallets/{wallet_id}/policy/versions", response_model=PolicyHistory, tags=["policies"], responses=_ERRORS)
+async def policy_versions(wallet_id: str, ctx: Ctx, _: AnyOperator) -> PolicyHistory:
+    return PolicyHistory(versions=[_policy(v) for v in await documents.policy_history(ctx, wallet_id)])
+
+
+@router.get("/wallets/{wallet_id}/policy/diff", tags=["policies"], responses=_ERRORS)
+async def policy_diff(
+    wallet_id: str,
+    ctx: Ctx,
+    _: AnyOperator,
+    old: Annotated[int, Query(alias="from", ge=1)],
+    new: Annotated[int, Query(alias="to", ge=1)],
+) -> dict[str, str]:
+    """A unified diff between two versions of a wallet's policy."""
+    return {"diff": await documents.policy_diff(ctx, wallet_id, old, new)}
+
+
+@router.put("/agents/{agent_id}/grants/{wallet_id}", response_model=GrantOut, tags=["policies"], responses=_ERRORS)
+async def set_grant(agent_id: str, wallet_id: str, body: PolicyIn, ctx: Ctx, operator: Admin) -> GrantOut:
+    """Give an agent a grant on a wallet; it can only narrow the wallet's policy."""
+    await agent_service.get_agent(ctx, agent_id)
+    if await ctx.wallets.get(wallet_id) is None:
+        raise NotFound("no such wallet")
+    version = await documents.set_grant(ctx, agent_id, wallet_id, body.document, operator.id)
+    return GrantOut(agent_id=agent_id, wallet_id=wallet_id, version=version)
+
+
+@router.get("/approvals", response_model=Approvals, tags=["approvals"], responses=_ERRORS)
+async def approvals(ctx: Ctx, _: AnyOperator) -> Approvals:
+    """Payments waiting for approval (expired ones are not listed)."""
+    return Approvals(pending=await payment_service.pending_approvals(ctx))
+
+
+@router.post("/approvals/{payment_id}/approve", response_model=VoteResult, tags=["approvals"], responses=_ERRORS)
+async def approve(payment_id: str, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
+    """Approve; the last approval of the quorum re-evaluates, reserves and signs."""
+    return VoteResult.model_validate(await payment_service.vote(ctx, operator, payment_id, "approve", body.comment))
+
+
+@router.post("/approvals/{payment_id}/reject", response_model=VoteResult, tags=["approvals"], responses=_ERRORS)
+async def reject(payment_id: str, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
+    return VoteResult.model_validate(await payment_service.vote(ctx, operator, payment_id, "reject", body.comment))
+
+
+@router.get("/freezes", response_model=Freezes, tags=["kill switch"], responses=_ERRORS)
+async def list_freezes(ctx: Ctx, _: AnyOperator) -> Freezes:
+    return Freezes(freezes=await payment_service.list_freezes(ctx))
+
+
+@router.post("/freezes", status_code=204, tags=["kill switch"], responses=_ERRORS)
+async def freeze(body: FreezeIn, ctx: Ctx, operator: Admin) -> Response:
+    """Freeze a wallet, an agent, or everything: new requests and pending approvals stop at once."""
+    await payment_service.freeze(ctx, body.scope, body.target or "", operator, body.reason)
+    return Response(status_code=204)
+
+
+@router.delete("/freezes/{scope}", status_code=204, tags=["kill switch"], responses=_ERRORS)
+async def unfreeze(
+    scope: Literal["all", "wallet", "agent"], ctx: Ctx, operator: Admin, target: str | None = None
+) -> Response:
+    if not await payment_service.unfreeze(ctx, scope, target or "", operator):
+        raise NotFound("nothing is frozen there")
+    return Response(status_code=204)
+
+
+class AuditEvents(BaseModel):
+    events: list[AuditEvent]
+
+
+@router.get("/audit", response_model=AuditEvents, tags=["audit"], responses=_ERRORS)
+async def audit_events(
+    ctx: Ctx,
+    _: AnyOperator,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AuditEvents:
+    """Audit records in order, after ``after_seq`` (page with the last seq you saw)."""
+    return AuditEvents(events=await ctx.audit.events(after_seq=after_seq, limit=limit))
+
+
+@router.get("/audit/verify", response_model=VerifyResult, tags=["audit"], responses=_ERRORS)
+async def audit_verify(ctx: Ctx, _: AnyOperator) -> VerifyResult:
+    """Re-compute the hash chain; names the first bad record if anything was changed."""
+    return await ctx.audit.verify()

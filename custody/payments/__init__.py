@@ -1,0 +1,1 @@
+"""Agent payments: credentials, wallet policies and grants, the spend ledger, approvals, freezes."""

@@ -1,0 +1,721 @@
+"""The payment path: decide, reserve, sign, record; approvals; the kill switch.
+
+One request, from an agent's key to a signature:
+
+1. The wallet must be in the key's scope (a foreign id looks exactly like a missing one),
+   and nothing may be frozen (wallet, agent, or everything).
+2. The request is decoded into an intent and checked for what the signer would refuse,
+   so nothing is reserved for a request that cannot be signed.
+3. One SQL transaction takes the wallet's write lock (``SELECT … FOR UPDATE`` on
+   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), reads posted and pending spend through the
+   engine's questions, evaluates, and records the payment with its reservation (the
+   decision's debits) before it commits. Concurrent requests on one wallet queue on the
+   lock, so a cap is never exceeded.
+4. Only after the commit does the signer sign. A signed payment counts as spent; if the
+   signer fails, the reservation is released and the caller gets the signer's 503.
+
+Needs-approval is a result, not an error: the payment waits (nothing reserved) until an
+operator quorum approves; then it is evaluated again against the current policy and
+budgets, reserved and signed in the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Table, delete, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from custody.chain import DecodeError, decode_message, decode_transaction, decode_typed_data
+from custody.errors import (
+    Conflict,
+    CustodyError,
+    DependencyUnavailable,
+    Forbidden,
+    Frozen,
+    IdempotencyConflict,
+    InvalidRequest,
+    NotFound,
+    PolicyDenied,
+    UnsupportedSigningMethod,
+)
+from custody.payments.agents import AgentPrincipal
+from custody.payments.documents import current_grant, current_policy
+from custody.payments.ledger import decide, ledger_entries, payments, remaining
+from custody.payments.models import ApprovalVoteRow, FreezeRow, IdempotencyRow
+from custody.services.context import Context
+from custody.signer import evm
+from custody.storage.db import write_transaction
+from custody.storage.interfaces import Operator
+from policies import Decision, Intent, Reason
+
+Method = Literal["transaction", "typed_data", "message"]
+idempotency_keys: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
+approval_votes: Table = ApprovalVoteRow.__table__  # type: ignore[attr-defined]
+freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
+APPROVAL_TTL = timedelta(hours=24)
+IDEMPOTENCY_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class Response:
+    """What the API sends back: a status code and a JSON body (kept for idempotent replays)."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def reason_json(reason: Reason) -> dict[str, Any]:
+    """A reason on the wire: integers that may exceed 2**53 as decimal strings."""
+    data = reason.model_dump(mode="json", exclude_none=True)
+    for field in ("limit", "remaining"):
+        if field in data:
+            data[field] = str(data[field])
+    return data
+
+
+def _decision_json(decision: Decision) -> str:
+    return decision.model_dump_json(exclude={"verdicts"})
+
+
+# The kill switch -----------------------------------------------------------------------
+
+
+async def _frozen(conn: AsyncConnection, wallet_id: str, agent_id: str) -> str | None:
+    row = (
+        await conn.execute(
+            select(freezes.c.scope, freezes.c.target)
+            .where(
+                or_(
+                    freezes.c.scope == "all",
+                    (freezes.c.scope == "wallet") & (freezes.c.target == wallet_id),
+                    (freezes.c.scope == "agent") & (freezes.c.target == agent_id),
+                )
+            )
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    return "everything is frozen" if row.scope == "all" else f"this {row.scope} is frozen"
+
+
+async def freeze(ctx: Context, scope: str, target: str, operator: Operator, reason: str | None) -> None:
+    scope, target = _freeze_key(scope, target)
+    async with write_transaction(ctx.engine) as conn:
+        exists = (
+            await conn.execute(select(freezes.c.scope).where(freezes.c.scope == scope, freezes.c.target == target))
+        ).first()
+        if exists is not None:
+            return  # already frozen: freezing is idempotent
+        await conn.execute(
+            insert(freezes).values(scope=scope, target=target, frozen_at=_now(), frozen_by=operator.id, reason=reason)
+        )
+        await ctx.audit.append_in(
+            conn,
+            "freeze.set",
+            actor=f"operator:{operator.id}",
+            subject=target if scope != "all" else None,
+            data={"scope": scope, "reason": reason},
+        )
+
+
+async def unfreeze(ctx: Context, scope: str, target: str, operator: Operator) -> bool:
+    scope, target = _freeze_key(scope, target)
+    async with write_transaction(ctx.engine) as conn:
+        result = await conn.execute(delete(freezes).where(freezes.c.scope == scope, freezes.c.target == target))
+        if result.rowcount:
+            await ctx.audit.append_in(
+                conn,
+                "freeze.lifted",
+                actor=f"operator:{operator.id}",
+                subject=target if scope != "all" else None,
+                data={"scope": scope},
+            )
+    return bool(result.rowcount)
+
+
+async def list_freezes(ctx: Context) -> list[dict[str, Any]]:
+    async with ctx.engine.connect() as conn:
+        rows = await conn.execute(select(freezes).order_by(freezes.c.frozen_at))
+        return [
+            {
+                "scope": r.scope,
+                "target": r.target if r.scope != "all" else None,
+                "frozen_at": (_aware(r.frozen_at) or r.frozen_at).isoformat(),
+                "frozen_by": r.frozen_by,
+                "reason": r.reason,
+            }
+            for r in rows
+        ]
+
+
+def _freeze_key(scope: str, target: str | None) -> tuple[str, str]:
+    if scope == "all":
+        return "all", "*"
+    if scope not in ("wallet", "agent") or not target:
+        raise InvalidRequest("freeze scope is 'all', or 'wallet' / 'agent' with an id")
+    return scope, target
+
+
+# Decoding -------------------------------------------------------------------------------
+
+
+def _intent(method: Method, body: Mapping[str, Any], wallet_id: str, address: str, agent_id: str) -> Intent:
+    purpose, origin = body.get("purpose"), body.get("origin")
+    try:
+        if method == "transaction":
+            tx = body.get("transaction")
+            if not isinstance(tx, Mapping):
+                raise InvalidRequest("transaction must be an object")
+            normalized = evm.normalize_transaction(tx)
+            return decode_transaction(
+                normalized,
+                chain_id=normalized["chainId"],
+                wallet_id=wallet_id,
+                agent_id=agent_id,
+                purpose=purpose,
+                origin=origin,
+            )
+        if method == "typed_data":
+            document = body.get("typed_data")
+            if not isinstance(document, Mapping) or any(
+                key not in document for key in ("types", "primaryType", "domain", "message")
+            ):
+                raise UnsupportedSigningMethod("typed data must be the full EIP-712 document")
+            chain = document["domain"].get("chainId") if isinstance(document["domain"], Mapping) else None
+            return decode_typed_data(
+                document,
+                chain_id=int(chain or body.get("chain_id") or 0),
+                wallet_id=wallet_id,
+                agent_id=agent_id,
+                wallet_address=address,
+                purpose=purpose,
+                origin=origin,
+            )
+        text = body.get("message")
+        if not isinstance(text, str):
+            raise UnsupportedSigningMethod("only text messages are signed (EIP-191 personal_sign)")
+        return decode_message(
+            text,
+            chain_id=int(body.get("chain_id") or 1),
+            wallet_id=wallet_id,
+            agent_id=agent_id,
+            purpose=purpose,
+            origin=origin,
+        )
+    except DecodeError as error:
+        raise InvalidRequest(str(error), decode_error=error.code) from None
+    except (TypeError, ValueError) as error:
+        raise InvalidRequest(f"the request cannot be read: {type(error).__name__}") from None
+
+
+# Idempotency ----------------------------------------------------------------------------
+
+
+def _body_hash(wallet_id: str, method: str, body: Mapping[str, Any]) -> str:
+    canonical = json.dumps({"wallet": wallet_id, "method": method, "body": body}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _claim(ctx: Context, agent_id: str, key: str, body_hash: str) -> Response | None:
+    """Claim ``key`` for this request, or return the response already given for it."""
+    deadline = asyncio.get_running_loop().time() + IDEMPOTENCY_WAIT
+    while True:
+        try:
+            async with ctx.engine.begin() as conn:
+                await conn.execute(
+                    insert(idempotency_keys).values(agent_id=agent_id, key=key, body_hash=body_hash, created_at=_now())
+                )
+            return None
+        except IntegrityError:
+            pass
+        async with ctx.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(idempotency_keys).where(
+                        idempotency_keys.c.agent_id == agent_id, idempotency_keys.c.key == key
+                    )
+                )
+            ).first()
+        if row is None:
+            continue  # released by a failed attempt a moment ago: claim it again
+        if row.body_hash != body_hash:
+            raise IdempotencyConflict("this Idempotency-Key was used for a different request")
+        if row.status_code is not None:
+            return Response(int(row.status_code), json.loads(row.response))
+        if asyncio.get_running_loop().time() > deadline:
+            raise Conflict("a request with this Idempotency-Key is still being processed")
+        await asyncio.sleep(0.01)
+
+
+async def _settle(ctx: Context, agent_id: str, key: str, response: Response | None) -> None:
+    async with ctx.engine.begin() as conn:
+        where = (idempotency_keys.c.agent_id == agent_id) & (idempotency_keys.c.key == key)
+        if response is None:
+            await conn.execute(delete(idempotency_keys).where(where))
+        else:
+            await conn.execute(
+                update(idempotency_keys)
+                .where(where)
+                .values(status_code=response.status_code, response=json.dumps(response.body))
+            )
+
+
+# The request ----------------------------------------------------------------------------
+
+
+async def submit(
+    ctx: Context,
+    principal: AgentPrincipal,
+    wallet_id: str,
+    method: Method,
+    body: dict[str, Any],
+    idempotency_key: str | None,
+) -> Response:
+    """Handle one signing request; the same key and body always get the same response."""
+    if idempotency_key is None:
+        return await _submit(ctx, principal, wallet_id, method, body)
+    if not 0 < len(idempotency_key) <= 200:
+        raise InvalidRequest("Idempotency-Key must be 1-200 characters")
+    agent_id = principal.agent.id
+    replay = await _claim(ctx, agent_id, idempotency_key, _body_hash(wallet_id, method, body))
+    if replay is not None:
+        return replay
+    try:
+        response = await _submit(ctx, principal, wallet_id, method, body)
+    except DependencyUnavailable:
+        await _settle(ctx, agent_id, idempotency_key, None)  # transient: a retry may succeed
+        raise
+    except CustodyError as error:
+        await _settle(ctx, agent_id, idempotency_key, Response(error.status, error.to_problem()))
+        raise
+    except BaseException:
+        await _settle(ctx, agent_id, idempotency_key, None)
+        raise
+    await _settle(ctx, agent_id, idempotency_key, response)
+    return response
+
+
+async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
+    if conn.dialect.name == "postgresql":
+        from custody.storage.sql import wallets
+
+        await conn.execute(select(wallets.c.id).where(wallets.c.id == wallet_id).with_for_update())
+
+
+async def _submit(
+    ctx: Context, principal: AgentPrincipal, wallet_id: str, method: Method, body: dict[str, Any]
+) -> Response:
+    agent_id = principal.agent.id
+    wallet = await ctx.wallets.get(wallet_id) if wallet_id in principal.wallet_ids else None
+    if wallet is None:
+        raise NotFound("no such wallet")
+    intent = _intent(method, body, wallet_id, wallet.address, agent_id)
+    payment_id = "pay_" + secrets.token_hex(10)
+    now = _now()
+    async with ctx.engine.connect() as conn:
+        conn = await conn.execution_options(sqlite_immediate=True)
+        async with conn.begin():
+            await _locked(conn, wallet_id)
+            frozen = await _frozen(conn, wallet_id, agent_id)
+            if frozen:
+                # Recorded, and committed, although nothing else happens.
+                await ctx.audit.append_in(
+                    conn,
+                    "payment.refused",
+                    actor=f"agent:{agent_id}",
+                    subject=wallet_id,
+                    data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
+                )
+            else:
+                decision = await _decide_and_record(
+                    ctx, conn, payment_id, wallet_id, agent_id, method, body, intent, now
+                )
+    if frozen:
+        raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
+    if decision.outcome == "deny":
+        raise PolicyDenied(
+            _summary(decision), payment_id=payment_id, reasons=[reason_json(r) for r in decision.reasons]
+        )
+    if decision.outcome == "needs_approval":
+        return Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
+    result = await _sign(ctx, payment_id, wallet_id, method, body)
+    return Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
+
+
+async def _decide_and_record(
+    ctx: Context,
+    conn: AsyncConnection,
+    payment_id: str,
+    wallet_id: str,
+    agent_id: str,
+    method: Method,
+    body: dict[str, Any],
+    intent: Intent,
+    now: datetime,
+) -> Decision:
+    """Under the wallet lock: evaluate, record the payment and its reservation, audit the decision."""
+    decision = await _evaluate(conn, wallet_id, agent_id, intent, now)
+    status = {"allow": "reserved", "deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
+    expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
+    await conn.execute(
+        insert(payments).values(
+            id=payment_id,
+            wallet_id=wallet_id,
+            agent_id=agent_id,
+            method=method,
+            request=json.dumps(body),
+            payee=intent.payee,
+            status=status,
+            decision=_decision_json(decision),
+            quorum_group=decision.quorum.group if decision.quorum else None,
+            quorum_m=decision.quorum.m if decision.quorum else None,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+        )
+    )
+    if decision.outcome == "allow":
+        await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
+    await ctx.audit.append_in(
+        conn,
+        "payment.decided",
+        actor=f"agent:{agent_id}",
+        subject=payment_id,
+        data={
+            "wallet_id": wallet_id,
+            "method": method,
+            "intent": _intent_summary(intent),
+            "outcome": decision.outcome,
+            "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in decision.reasons],
+        },
+    )
+    return decision
+
+
+def _intent_summary(intent: Intent) -> dict[str, Any]:
+    return {
+        "kind": str(intent.kind),
+        "chain_id": intent.chain_id,
+        "asset": intent.asset,
+        "amount": intent.amount,
+        "payee": intent.payee,
+        "purpose": intent.purpose,
+        "origin": intent.origin,
+    }
+
+
+def _summary(decision: Decision) -> str:
+    return "; ".join(reason.message for reason in decision.reasons) or "denied by policy"
+
+
+def _pending_body(payment_id: str, decision: Decision, expires_at: datetime | None) -> dict[str, Any]:
+    return {
+        "status": "pending_approval",
+        "payment_id": payment_id,
+        "expires_at": expires_at.isoformat() if expires_at else None,
+        "quorum": decision.quorum.model_dump() if decision.quorum else None,
+        "reasons": [reason_json(r) for r in decision.reasons],
+    }
+
+
+async def _evaluate(conn: AsyncConnection, wallet_id: str, agent_id: str, intent: Intent, now: datetime) -> Decision:
+    found = await current_policy(conn, wallet_id)
+    if found is None:
+        return Decision(
+            outcome="deny",
+            reasons=(Reason(code="no_policy", rule_id="-", message="this wallet has no policy: it signs nothing"),),
+        )
+    _, policy = found
+    grant = await current_grant(conn, agent_id, wallet_id, policy)
+    return await decide(conn, wallet_id, policy, intent, now, grant)
+
+
+async def _reserve(
+    conn: AsyncConnection, payment_id: str, wallet_id: str, agent_id: str, decision: Decision, now: datetime
+) -> None:
+    rows = [
+        {
+            "payment_id": payment_id,
+            "wallet_id": wallet_id,
+            "agent_id": agent_id,
+            "counter": d.counter,
+            "amount": d.amount,
+            "at": now,
+        }
+        for d in decision.debits
+        if d.amount > 0
+    ]
+    if rows:
+        await conn.execute(insert(ledger_entries), rows)
+
+
+async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Sign a reserved payment; on failure release the reservation and re-raise."""
+    try:
+        envelope = await ctx.wallets.envelope(wallet_id)
+        if envelope is None:
+            raise NotFound("no such wallet")
+        if method == "transaction":
+            result = await ctx.signer.sign_transaction(envelope, dict(body["transaction"]))
+        elif method == "typed_data":
+            result = await ctx.signer.sign_typed_data(envelope, dict(body["typed_data"]))
+        else:
+            result = await ctx.signer.sign_message(envelope, str(body["message"]))
+    except CustodyError as error:
+        async with write_transaction(ctx.engine) as conn:
+            await conn.execute(delete(ledger_entries).where(ledger_entries.c.payment_id == payment_id))
+            await conn.execute(
+                update(payments).where(payments.c.id == payment_id).values(status="failed", updated_at=_now())
+            )
+            await ctx.audit.append_in(
+                conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": error.code}
+            )
+        raise
+    async with write_transaction(ctx.engine) as conn:
+        await conn.execute(
+            update(payments)
+            .where(payments.c.id == payment_id)
+            .values(status="signed", result=json.dumps(result), updated_at=_now())
+        )
+        # The transaction hash or the message hash: what was signed, never key material.
+        digest = result.get("hash") or result.get("message_hash")
+        await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
+    return result
+
+
+# Status ---------------------------------------------------------------------------------
+
+
+def payment_body(row: Any, now: datetime) -> dict[str, Any]:
+    status = row.status
+    expires_at = _aware(row.expires_at)
+    if status == "pending_approval" and expires_at is not None and expires_at <= now:
+        status = "expired"
+    body: dict[str, Any] = {"payment_id": row.id, "status": status, "wallet_id": row.wallet_id}
+    if row.result:
+        body["result"] = json.loads(row.result)
+    decision = json.loads(row.decision)
+    if status in ("denied", "pending_approval"):
+        body["reasons"] = [reason_json(Reason.model_validate(r)) for r in decision.get("reasons", [])]
+    if status == "pending_approval" and expires_at is not None:
+        body["expires_at"] = expires_at.isoformat()
+        body["quorum"] = decision.get("quorum")
+    return body
+
+
+async def payment_status(ctx: Context, principal: AgentPrincipal, payment_id: str, wait: float = 0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + max(0.0, min(wait, 30.0))
+    while True:
+        async with ctx.engine.connect() as conn:
+            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
+        if row is None or row.agent_id != principal.agent.id:
+            raise NotFound("no such payment")
+        body = payment_body(row, _now())
+        if body["status"] not in ("pending_approval", "reserved") or asyncio.get_running_loop().time() >= deadline:
+            return body
+        await asyncio.sleep(0.2)
+
+
+async def spending_limits(ctx: Context, principal: AgentPrincipal, wallet_id: str) -> list[dict[str, Any]]:
+    """What may this agent still spend from this wallet, per limit (amounts as decimal strings)."""
+    if wallet_id not in principal.wallet_ids or await ctx.wallets.get(wallet_id) is None:
+        raise NotFound("no such wallet")
+    async with ctx.engine.connect() as conn:
+        found = await current_policy(conn, wallet_id)
+        if found is None:
+            return []
+        policy = found[1]
+        grant = await current_grant(conn, principal.agent.id, wallet_id, policy)
+        now = _now()
+        return [
+            {
+                "rule_id": limit.rule_id,
+                "source": limit.source,
+                "counter": limit.counter,
+                "limit": str(limit.limit),
+                "spent": str(limit.spent),
+                "remaining": str(limit.remaining),
+                "window_start": limit.window_start.isoformat(),
+                "window_end": limit.window_end.isoformat(),
+                "resets_at": limit.resets_at.isoformat() if limit.resets_at else None,
+            }
+            for limit in await remaining(conn, wallet_id, policy, now, grant)
+        ]
+
+
+# Approvals ------------------------------------------------------------------------------
+
+
+async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
+    now = _now()
+    async with ctx.engine.connect() as conn:
+        rows = (await conn.execute(select(payments).where(payments.c.status == "pending_approval"))).all()
+        votes = (await conn.execute(select(approval_votes))).all()
+    result = []
+    for row in rows:
+        body = payment_body(row, now)
+        if body["status"] != "pending_approval":
+            continue
+        body |= {
+            "agent_id": row.agent_id,
+            "method": row.method,
+            "request": json.loads(row.request),
+            "approvals": sorted(v.operator_id for v in votes if v.payment_id == row.id and v.vote == "approve"),
+        }
+        result.append(body)
+    return result
+
+
+async def vote(
+    ctx: Context, operator: Operator, payment_id: str, choice: Literal["approve", "reject"], comment: str | None
+) -> dict[str, Any]:
+    """Record an approver's vote; on the last approval needed, re-evaluate, reserve and sign."""
+    now = _now()
+    async with ctx.engine.connect() as conn:
+        conn = await conn.execution_options(sqlite_immediate=True)
+        async with conn.begin():
+            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
+            if row is None:
+                raise NotFound("no such payment")
+            await _locked(conn, row.wallet_id)
+            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).one()
+            if row.status != "pending_approval":
+                raise Conflict(f"the payment is {row.status}, not pending approval")
+            expires_at = _aware(row.expires_at)
+            if expires_at is not None and expires_at <= now:
+                await conn.execute(
+                    update(payments).where(payments.c.id == payment_id).values(status="expired", updated_at=now)
+                )
+                return {"payment_id": payment_id, "status": "expired"}
+            decision = Decision.model_validate_json(row.decision)
+            found = await current_policy(conn, row.wallet_id)
+            groups = found[1].approver_groups if found else {}
+            needed = list(decision.approvals or ((decision.quorum,) if decision.quorum else ()))
+            if not any(_member(operator, groups.get(q.group)) for q in needed):
+                raise Forbidden("you are not in an approver group this payment needs")
+            already = (
+                await conn.execute(
+                    select(approval_votes.c.id).where(
+                        approval_votes.c.payment_id == payment_id, approval_votes.c.operator_id == operator.id
+                    )
+                )
+            ).first()
+            if already is not None:
+                raise Conflict("you have already voted on this payment")
+            await conn.execute(
+                insert(approval_votes).values(
+                    payment_id=payment_id, operator_id=operator.id, vote=choice, comment=comment, at=now
+                )
+            )
+            await ctx.audit.append_in(
+                conn,
+                "approval.voted",
+                actor=f"operator:{operator.id}",
+                subject=payment_id,
+                data={"vote": choice, "comment": comment},
+            )
+            if choice == "reject":
+                await conn.execute(
+                    update(payments).where(payments.c.id == payment_id).values(status="rejected", updated_at=now)
+                )
+                return {"payment_id": payment_id, "status": "rejected"}
+            approvers = {
+                v.operator_id
+                for v in (await conn.execute(select(approval_votes).where(approval_votes.c.payment_id == payment_id)))
+                if v.vote == "approve"
+            }
+            if not _quorum_met(needed, groups, approvers, await _names(ctx, approvers)):
+                return {"payment_id": payment_id, "status": "pending_approval", "approvals": sorted(approvers)}
+            frozen = await _frozen(conn, row.wallet_id, row.agent_id)
+            if frozen:
+                raise Frozen(f"{frozen}: approve again after an operator unfreezes it")
+            wallet = await ctx.wallets.get(row.wallet_id)
+            assert wallet is not None
+            body = json.loads(row.request)
+            intent = _intent(row.method, body, row.wallet_id, wallet.address, row.agent_id)
+            fresh = await _evaluate(conn, row.wallet_id, row.agent_id, intent, now)
+            if fresh.outcome == "needs_approval":
+                if _quorum_met(
+                    fresh.approvals or ((fresh.quorum,) if fresh.quorum else ()),
+                    groups,
+                    approvers,
+                    await _names(ctx, approvers),
+                ):
+                    fresh = fresh.model_copy(update={"outcome": "allow"})
+                else:
+                    return {"payment_id": payment_id, "status": "pending_approval", "approvals": sorted(approvers)}
+            await ctx.audit.append_in(
+                conn,
+                "payment.decided",
+                actor=f"operator:{operator.id}",
+                subject=payment_id,
+                data={
+                    "wallet_id": row.wallet_id,
+                    "method": row.method,
+                    "intent": _intent_summary(intent),
+                    "outcome": fresh.outcome,
+                    "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in fresh.reasons],
+                    "after_approval": True,
+                },
+            )
+            if fresh.outcome == "deny":
+                await conn.execute(
+                    update(payments)
+                    .where(payments.c.id == payment_id)
+                    .values(status="denied", decision=_decision_json(fresh), updated_at=now)
+                )
+                return {
+                    "payment_id": payment_id,
+                    "status": "denied",
+                    "reasons": [reason_json(r) for r in fresh.reasons],
+                }
+            await conn.execute(
+                update(payments)
+                .where(payments.c.id == payment_id)
+                .values(status="reserved", decision=_decision_json(fresh), updated_at=now)
+            )
+            await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
+    result = await _sign(ctx, payment_id, row.wallet_id, row.method, json.loads(row.request))
+    return {"payment_id": payment_id, "status": "signed", "result": result}
+
+
+def _member(operator: Operator, group: Any) -> bool:
+    return group is not None and (operator.id in group.members or operator.name in group.members)
+
+
+async def _names(ctx: Context, operator_ids: set[str]) -> dict[str, str]:
+    names = {}
+    for operator_id in operator_ids:
+        found = await ctx.operators.get(operator_id)
+        if found is not None:
+            names[operator_id] = found.name
+    return names
+
+
+def _quorum_met(needed: Any, groups: Mapping[str, Any], approvers: set[str], names: Mapping[str, str]) -> bool:
+    for quorum in needed:
+        group = groups.get(quorum.group)
+        if group is None:
+            return False
+        count = sum(1 for op in approvers if op in group.members or names.get(op) in group.members)
+        if count < quorum.m:
+            return False
+    return True

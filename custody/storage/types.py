@@ -1,0 +1,49 @@
+"""Column types: exact integers of any size (wei amounts exceed 64 bits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Numeric, Text
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class BigInt(TypeDecorator[int]):
+    """An unbounded integer: NUMERIC(78, 0) on PostgreSQL, decimal text on SQLite.
+
+    SQLite has no integer wider than 64 bits, so sums over this column use the
+    ``custody_sum`` aggregate registered on every SQLite connection.
+    """
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(78, 0))
+        return dialect.type_descriptor(Text())
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError("money is an integer in base units")
+        return value if dialect.name == "postgresql" else str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+class ExactSum:
+    """SQLite aggregate: the exact sum of decimal-text integers (``custody_sum``)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def step(self, value: str | int | None) -> None:
+        if value is not None:
+            self.total += int(value)
+
+    def finalize(self) -> str:
+        return str(self.total)
