@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     kek_passphrase_file: Path | None = None
     kek_scrypt_n: int = 2**15
 
+    # Webhook deliveries: how often the dispatcher looks for due ones, and the first retry delay.
+    webhook_interval_seconds: float = 1.0
+    webhook_backoff_seconds: float = 2.0
+
     # The HTTP API.
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT

@@ -103,6 +103,8 @@ def settings(backend: str, short_dir: Path, request: pytest.FixtureRequest) -> S
         data_dir=short_dir / "data",
         database_url=database_url,
         kek_scrypt_n=2**10,
+        webhook_interval_seconds=0.05,
+        webhook_backoff_seconds=0.01,
     )
 
 

@@ -53,7 +53,7 @@ def workdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _wait_for(predicate: object, what: str, timeout: float = 20) -> None:
+def _wait_for(predicate: object, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():  # type: ignore[operator]

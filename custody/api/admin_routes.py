@@ -14,6 +14,7 @@ from custody.errors import NotFound
 from custody.payments import agents as agent_service
 from custody.payments import documents
 from custody.payments import service as payment_service
+from custody.webhooks import outbox
 
 router = APIRouter(prefix="/admin/v1")
 _ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 423, 503)
@@ -261,3 +262,59 @@ async def audit_events(
 async def audit_verify(ctx: Ctx, _: AnyOperator) -> VerifyResult:
     """Re-compute the hash chain; names the first bad record if anything was changed."""
     return await ctx.audit.verify()
+
+
+class WebhookIn(BaseModel):
+    url: str = Field(max_length=2000, description="Where to POST events (http or https).")
+    events: list[str] = Field(
+        default_factory=list,
+        description="payment.pending_approval, payment.approved, payment.rejected, payment.signed; empty means all.",
+    )
+
+
+class WebhookOut(BaseModel):
+    id: str
+    url: str
+    events: list[str]
+    created_at: str
+
+
+class CreatedWebhook(BaseModel):
+    webhook: WebhookOut
+    signing_key: str = Field(description="HMAC-SHA256 key for the Custody-Signature header; shown once.")
+
+
+class Webhooks(BaseModel):
+    webhooks: list[WebhookOut]
+
+
+class Deliveries(BaseModel):
+    deliveries: list[dict[str, Any]]
+
+
+@router.post("/webhooks", response_model=CreatedWebhook, status_code=201, tags=["webhooks"], responses=_ERRORS)
+async def add_webhook(body: WebhookIn, ctx: Ctx, operator: Admin) -> CreatedWebhook:
+    """Register an endpoint for payment events; its signing key is in this response only."""
+    hook, key = await outbox.add_webhook(ctx.engine, body.url, body.events)
+    await ctx.audit.append("webhook.added", actor=f"operator:{operator.id}", subject=hook["id"], data={"url": body.url})
+    return CreatedWebhook(webhook=WebhookOut.model_validate(hook), signing_key=key)
+
+
+@router.get("/webhooks", response_model=Webhooks, tags=["webhooks"], responses=_ERRORS)
+async def list_webhooks(ctx: Ctx, _: AnyOperator) -> Webhooks:
+    return Webhooks(webhooks=[WebhookOut.model_validate(h) for h in await outbox.list_webhooks(ctx.engine)])
+
+
+@router.delete("/webhooks/{webhook_id}", status_code=204, tags=["webhooks"], responses=_ERRORS)
+async def remove_webhook(webhook_id: str, ctx: Ctx, operator: Admin) -> Response:
+    await outbox.remove_webhook(ctx.engine, webhook_id)
+    await ctx.audit.append("webhook.removed", actor=f"operator:{operator.id}", subject=webhook_id)
+    return Response(status_code=204)
+
+
+@router.get("/webhooks/deliveries", response_model=Deliveries, tags=["webhooks"], responses=_ERRORS)
+async def webhook_deliveries(
+    ctx: Ctx, _: AnyOperator, status: Literal["pending", "delivered", "failed", "cancelled"] | None = None
+) -> Deliveries:
+    """Deliveries and their state (failed ones ran out of retries)."""
+    return Deliveries(deliveries=await outbox.list_deliveries(ctx.engine, status))

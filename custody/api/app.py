@@ -19,6 +19,7 @@ from custody.schemas import WalletCreate, WalletList, WalletOut
 from custody.services import wallets as wallet_service
 from custody.services.context import Context
 from custody.settings import Settings
+from custody.webhooks.outbox import Dispatcher
 
 log = logging.getLogger("custody.api")
 _PROBLEMS = problem_responses(400, 401, 403, 404, 409, 413, 503)
@@ -41,9 +42,15 @@ def create_app(settings: Settings) -> FastAPI:
         settings.require_safe("api")
         ctx = await Context.open(settings)
         app.state.ctx = ctx
+        dispatcher = Dispatcher(
+            ctx.engine, interval=settings.webhook_interval_seconds, backoff=settings.webhook_backoff_seconds
+        )
+        dispatcher.wake = ctx.outbox_wake
+        dispatcher.start()
         try:
             yield
         finally:
+            await dispatcher.stop()
             await ctx.close()
 
     app = FastAPI(

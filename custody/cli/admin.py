@@ -230,6 +230,7 @@ def register_admin_commands(app: typer.Typer, policy_app: typer.Typer) -> None:
     app.add_typer(agent_app, name="agent")
     app.add_typer(grant_app, name="grant")
     app.add_typer(approvals_app, name="approvals")
+    app.add_typer(webhook_app, name="webhook")
     app.command()(freeze)
     app.command()(unfreeze)
     app.command()(freezes)
@@ -237,3 +238,51 @@ def register_admin_commands(app: typer.Typer, policy_app: typer.Typer) -> None:
     policy_app.command("show")(policy_show)
     policy_app.command("history")(policy_history)
     policy_app.command("diff")(policy_diff)
+
+
+webhook_app = typer.Typer(help="Operator webhooks for payment events.", no_args_is_help=True)
+
+
+@webhook_app.command("add")
+def webhook_add(
+    url: str,
+    event: list[str] = typer.Option(None, "--event", help="Only this event (repeatable); default: all."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Register an endpoint; its HMAC signing key is printed once."""
+    with errors_to_exit(as_json):
+        created = _call("POST", "/admin/v1/webhooks", json={"url": url, "events": event or []})
+
+    def human() -> None:
+        typer.echo(f"{created['webhook']['id']}  {url}")
+        typer.echo("signing key (shown once; verify the Custody-Signature header with it):", err=True)
+        typer.echo(f"  {created['signing_key']}")
+
+    emit(created, as_json, human)
+
+
+@webhook_app.command("list")
+def webhook_list(as_json: bool = JsonOption) -> None:
+    with errors_to_exit(as_json):
+        data = _call("GET", "/admin/v1/webhooks")
+    _print(
+        data, as_json, *(f"{h['id']}  {h['url']}  {','.join(h['events']) or 'all events'}" for h in data["webhooks"])
+    )
+
+
+@webhook_app.command("remove")
+def webhook_remove(webhook_id: str, as_json: bool = JsonOption) -> None:
+    with errors_to_exit(as_json):
+        _call("DELETE", f"/admin/v1/webhooks/{webhook_id}")
+    _print({"removed": webhook_id}, as_json, f"removed {webhook_id}")
+
+
+@webhook_app.command("deliveries")
+def webhook_deliveries(
+    status: str = typer.Option(None, help="pending, delivered, failed or cancelled."), as_json: bool = JsonOption
+) -> None:
+    """Delivery attempts and their state."""
+    with errors_to_exit(as_json):
+        data = _call("GET", "/admin/v1/webhooks/deliveries", params={"status": status} if status else None)
+    lines = (f"{d['id']}  {d['event']}  {d['status']}  attempts={d['attempts']}" for d in data["deliveries"])
+    _print(data, as_json, *lines)

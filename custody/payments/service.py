@@ -55,6 +55,7 @@ from custody.services.context import Context
 from custody.signer import evm
 from custody.storage.db import write_transaction
 from custody.storage.interfaces import Operator
+from custody.webhooks import outbox
 from policies import Decision, Intent, Reason
 
 Method = Literal["transaction", "typed_data", "message"]
@@ -355,6 +356,7 @@ async def _submit(
             _summary(decision), payment_id=payment_id, reasons=[reason_json(r) for r in decision.reasons]
         )
     if decision.outcome == "needs_approval":
+        ctx.outbox_wake.set()
         return Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
     result = await _sign(ctx, payment_id, wallet_id, method, body)
     return Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
@@ -394,6 +396,21 @@ async def _decide_and_record(
     )
     if decision.outcome == "allow":
         await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
+    if decision.outcome == "needs_approval":
+        await outbox.enqueue(
+            conn,
+            "payment.pending_approval",
+            {
+                "payment_id": payment_id,
+                "wallet_id": wallet_id,
+                "agent_id": agent_id,
+                "intent": _intent_summary(intent),
+                "quorum": decision.quorum.model_dump() if decision.quorum else None,
+                "reasons": [reason_json(r) for r in decision.reasons],
+                "expires_at": (now + APPROVAL_TTL).isoformat(),
+            },
+            now,
+        )
     await ctx.audit.append_in(
         conn,
         "payment.decided",
@@ -498,6 +515,10 @@ async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body
         # The transaction hash or the message hash: what was signed, never key material.
         digest = result.get("hash") or result.get("message_hash")
         await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
+        await outbox.enqueue(
+            conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, _now()
+        )
+    ctx.outbox_wake.set()
     return result
 
 
@@ -636,6 +657,13 @@ async def vote(
                 await conn.execute(
                     update(payments).where(payments.c.id == payment_id).values(status="rejected", updated_at=now)
                 )
+                await outbox.enqueue(
+                    conn,
+                    "payment.rejected",
+                    {"payment_id": payment_id, "wallet_id": row.wallet_id, "by": operator.id, "comment": comment},
+                    now,
+                )
+                ctx.outbox_wake.set()
                 return {"payment_id": payment_id, "status": "rejected"}
             approvers = {
                 v.operator_id
@@ -693,6 +721,12 @@ async def vote(
                 .values(status="reserved", decision=_decision_json(fresh), updated_at=now)
             )
             await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
+            await outbox.enqueue(
+                conn,
+                "payment.approved",
+                {"payment_id": payment_id, "wallet_id": row.wallet_id, "approvers": sorted(approvers)},
+                now,
+            )
     result = await _sign(ctx, payment_id, row.wallet_id, row.method, json.loads(row.request))
     return {"payment_id": payment_id, "status": "signed", "result": result}
 

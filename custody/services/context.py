@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -33,6 +34,8 @@ class Context:
     operators: SqlOperatorStore
     signer: SignerClient
     audit: AuditLog
+    # Set by the API: wakes the webhook dispatcher after a commit that queued deliveries.
+    outbox_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def open(cls, settings: Settings, *, run_migrations: bool = True) -> Context:

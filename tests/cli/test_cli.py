@@ -18,23 +18,6 @@ KNOWN_KEY = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
 KNOWN_ADDRESS = "0x2c7536E3605D9C16a7a3D7b1898e529396a65c23"
 
 
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = {"CUSTODY_DATA_DIR": str(settings.data_dir), "CUSTODY_KEK_SCRYPT_N": "1024"}
-    if settings.database_url:
-        values["CUSTODY_DATABASE_URL"] = settings.database_url
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
-@pytest.fixture
-def local(env: dict[str, str]) -> dict[str, str]:
-    """An initialized data directory: the local CLI acts as its first admin."""
-    assert run("init", "--json")[0] == 0
-    return env
-
-
 def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, list(args), input=stdin)
     return result.exit_code, result.stdout, result.stderr

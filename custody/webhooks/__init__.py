@@ -1,0 +1,1 @@
+"""Operator webhooks: a transactional outbox delivered with HMAC signatures and bounded retries."""
