@@ -14,6 +14,7 @@ from custody.errors import NotFound
 from custody.payments import agents as agent_service
 from custody.payments import documents
 from custody.payments import service as payment_service
+from custody.services import operators as operator_service
 from custody.webhooks import outbox
 
 router = APIRouter(prefix="/admin/v1")
@@ -97,7 +98,9 @@ class Approvals(BaseModel):
 
 class FreezeIn(BaseModel):
     scope: Literal["all", "wallet", "agent"]
-    target: str | None = Field(default=None, description="The wallet or agent id (not for 'all').")
+    target: str | None = Field(
+        default=None, max_length=40, pattern=r"^[A-Za-z0-9_]+$", description="The wallet or agent id (not for 'all')."
+    )
     reason: str | None = Field(default=None, max_length=2000)
 
 
@@ -318,3 +321,60 @@ async def webhook_deliveries(
 ) -> Deliveries:
     """Deliveries and their state (failed ones ran out of retries)."""
     return Deliveries(deliveries=await outbox.list_deliveries(ctx.engine, status))
+
+
+class OperatorCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100, description="What approver groups list (unique).")
+    role: Literal["admin", "approver", "viewer"]
+
+
+class OperatorOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: str
+    revoked_at: str | None
+
+
+class IssuedOperator(BaseModel):
+    operator: OperatorOut
+    token: str = Field(description="Shown once; only a digest is stored.")
+
+
+class Operators(BaseModel):
+    operators: list[OperatorOut]
+
+
+def _operator_out(op: Any) -> OperatorOut:
+    return OperatorOut(
+        id=op.id,
+        name=op.name,
+        role=op.role,
+        created_at=op.created_at.isoformat(),
+        revoked_at=op.revoked_at.isoformat() if op.revoked_at else None,
+    )
+
+
+@router.post("/operators", response_model=IssuedOperator, status_code=201, tags=["operators"], responses=_ERRORS)
+async def create_operator(body: OperatorCreate, ctx: Ctx, operator: Admin) -> IssuedOperator:
+    """Issue an operator credential (admin, approver or viewer); the token is in this response only."""
+    created, token = await operator_service.issue_operator(ctx, body.name, body.role)
+    await ctx.audit.append(
+        "operator.created",
+        actor=f"operator:{operator.id}",
+        subject=created.id,
+        data={"name": body.name, "role": body.role},
+    )
+    return IssuedOperator(operator=_operator_out(created), token=token)
+
+
+@router.get("/operators", response_model=Operators, tags=["operators"], responses=_ERRORS)
+async def list_operators(ctx: Ctx, _: AnyOperator) -> Operators:
+    return Operators(operators=[_operator_out(op) for op in await ctx.operators.list()])
+
+
+@router.delete("/operators/{operator_id}", status_code=204, tags=["operators"], responses=_ERRORS)
+async def revoke_operator(operator_id: str, ctx: Ctx, operator: Admin) -> Response:
+    """Revoke an operator's credential; it stops working at once."""
+    await operator_service.revoke_operator(ctx, operator_id, operator)
+    return Response(status_code=204)

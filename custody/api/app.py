@@ -36,7 +36,9 @@ class Readiness(BaseModel):
     signer: str
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
+    """The application; ``background=False`` (the CLI's in-process use) runs no webhook dispatcher."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.require_safe("api")
@@ -46,7 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
             ctx.engine, interval=settings.webhook_interval_seconds, backoff=settings.webhook_backoff_seconds
         )
         dispatcher.wake = ctx.outbox_wake
-        dispatcher.start()
+        if background:
+            dispatcher.start()
         try:
             yield
         finally:

@@ -22,8 +22,8 @@ OperatorOption = typer.Option(
 )
 
 
-def _call(method: str, path: str, *, operator: str | None = None, **kwargs: Any) -> Any:
-    return admin_request(Settings(), method, path, operator=operator, **kwargs)
+def _call(method: str, path: str, **kwargs: Any) -> Any:
+    return admin_request(Settings(), method, path, **kwargs)
 
 
 def _document(path: Path) -> dict[str, Any]:
@@ -154,11 +154,10 @@ def approvals_list(as_json: bool = JsonOption) -> None:
     emit(data, as_json, human)
 
 
-def _vote(choice: str, payment_id: str, comment: str | None, operator: str | None, as_json: bool) -> None:
+def _vote(choice: str, payment_id: str, comment: str | None, as_json: bool) -> None:
     with errors_to_exit(as_json):
-        result = _call(
-            "POST", f"/admin/v1/approvals/{payment_id}/{choice}", operator=operator, json={"comment": comment}
-        )
+        path = f"/admin/v1/approvals/{payment_id}/{choice}"
+        result = _call("POST", path, credential_required=True, json={"comment": comment})
     _print(result, as_json, f"{payment_id}: {result['status']}")
 
 
@@ -166,22 +165,20 @@ def _vote(choice: str, payment_id: str, comment: str | None, operator: str | Non
 def approvals_approve(
     payment_id: str,
     comment: str = typer.Option(None, help="Why (kept with the vote)."),
-    operator: str = OperatorOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Approve; the last approval of the quorum re-checks the policy, then signs."""
-    _vote("approve", payment_id, comment, operator, as_json)
+    """Approve (as the operator whose token is in CUSTODY_ADMIN_TOKEN); the last approval signs."""
+    _vote("approve", payment_id, comment, as_json)
 
 
 @approvals_app.command("reject")
 def approvals_reject(
     payment_id: str,
     comment: str = typer.Option(None, help="Why (kept with the vote)."),
-    operator: str = OperatorOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Reject; the payment is never signed."""
-    _vote("reject", payment_id, comment, operator, as_json)
+    """Reject (as the operator whose token is in CUSTODY_ADMIN_TOKEN); the payment is never signed."""
+    _vote("reject", payment_id, comment, as_json)
 
 
 def _scope(wallet: str | None, agent: str | None, everything: bool) -> tuple[str, str | None]:
@@ -231,6 +228,7 @@ def register_admin_commands(app: typer.Typer, policy_app: typer.Typer) -> None:
     app.add_typer(grant_app, name="grant")
     app.add_typer(approvals_app, name="approvals")
     app.add_typer(webhook_app, name="webhook")
+    app.add_typer(operator_app, name="operator")
     app.command()(freeze)
     app.command()(unfreeze)
     app.command()(freezes)
@@ -286,3 +284,40 @@ def webhook_deliveries(
         data = _call("GET", "/admin/v1/webhooks/deliveries", params={"status": status} if status else None)
     lines = (f"{d['id']}  {d['event']}  {d['status']}  attempts={d['attempts']}" for d in data["deliveries"])
     _print(data, as_json, *lines)
+
+
+operator_app = typer.Typer(help="Operator credentials (admin, approver, viewer).", no_args_is_help=True)
+
+
+@operator_app.command("create")
+def operator_create(
+    name: str,
+    role: str = typer.Option(..., help="admin, approver or viewer."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Issue an operator credential; the token is printed once."""
+    with errors_to_exit(as_json):
+        created = _call("POST", "/admin/v1/operators", json={"name": name, "role": role})
+
+    def human() -> None:
+        typer.echo(f"{created['operator']['id']}  {name}  ({role})")
+        typer.echo("operator token (shown once; only its digest is stored):", err=True)
+        typer.echo(f"  {created['token']}")
+
+    emit(created, as_json, human)
+
+
+@operator_app.command("list")
+def operator_list(as_json: bool = JsonOption) -> None:
+    with errors_to_exit(as_json):
+        data = _call("GET", "/admin/v1/operators")
+    lines = (f"{o['id']}  {o['name']}  {o['role']}  revoked={o['revoked_at'] or '-'}" for o in data["operators"])
+    _print(data, as_json, *lines)
+
+
+@operator_app.command("revoke")
+def operator_revoke(operator_id: str, as_json: bool = JsonOption) -> None:
+    """Revoke an operator's credential at once."""
+    with errors_to_exit(as_json):
+        _call("DELETE", f"/admin/v1/operators/{operator_id}")
+    _print({"revoked": operator_id}, as_json, f"revoked {operator_id}")

@@ -50,16 +50,28 @@ def _decode(response: httpx.Response) -> Any:
     raise error_from_code(str(problem.get("code")), str(problem.get("detail")), **extra)
 
 
-async def _local(settings: Settings, operator_name: str, method: str, path: str, **kwargs: Any) -> Any:
+async def _local(
+    settings: Settings, operator_name: str, method: str, path: str, *, credential_required: bool, **kwargs: Any
+) -> Any:
     from custody.api.app import create_app
     from custody.api.deps import _operator
+    from custody.services.operators import authenticate
 
-    app = create_app(settings)
+    app = create_app(settings, background=False)
     async with app.router.lifespan_context(app):
         ctx: Context = app.state.ctx
-        operator = await ctx.operators.get_by_name(operator_name)
-        if operator is None or operator.revoked_at is not None:
-            raise Unauthorized(f"no active operator named {operator_name!r} (run `custody init`, or pass --operator)")
+        if settings.admin_token is not None:
+            operator = await authenticate(ctx, settings.admin_token.get_secret_value())
+        elif credential_required:
+            # An approval quorum of M people must mean M credentials, not M names typed in one shell.
+            raise Unauthorized("votes need the approver's own credential: set CUSTODY_ADMIN_TOKEN to your token")
+        else:
+            found = await ctx.operators.get_by_name(operator_name)
+            if found is None or found.revoked_at is not None:
+                raise Unauthorized(
+                    f"no active operator named {operator_name!r} (run `custody init`, or pass --operator)"
+                )
+            operator = found
         app.dependency_overrides[_operator] = lambda: operator
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://custody.local") as http:
@@ -78,12 +90,24 @@ async def _remote(settings: Settings, method: str, path: str, **kwargs: Any) -> 
     return _decode(response)
 
 
-def admin_request(settings: Settings, method: str, path: str, *, operator: str | None = None, **kwargs: Any) -> Any:
-    """One admin API call, remote or in-process; problems come back as CustodyError."""
+def admin_request(
+    settings: Settings,
+    method: str,
+    path: str,
+    *,
+    operator: str | None = None,
+    credential_required: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """One admin API call, remote or in-process; problems come back as CustodyError.
+
+    Locally, ``CUSTODY_ADMIN_TOKEN`` (when set) says who acts; otherwise the named local
+    operator does, except where ``credential_required`` (approval votes).
+    """
     if settings.url:
         return asyncio.run(_remote(settings, method, path, **kwargs))
     name = operator or os.environ.get("CUSTODY_OPERATOR") or "admin"
-    return asyncio.run(_local(settings, name, method, path, **kwargs))
+    return asyncio.run(_local(settings, name, method, path, credential_required=credential_required, **kwargs))
 
 
 def require_local(settings: Settings, what: str) -> None:

@@ -124,8 +124,12 @@ async def current_policy(conn: AsyncConnection, wallet_id: str) -> tuple[int, Po
 
 async def set_grant(ctx: Context, agent_id: str, wallet_id: str, document: dict[str, Any], operator_id: str) -> int:
     document = {**document, "agent_id": agent_id, "wallet_id": wallet_id}
+    async with ctx.engine.connect() as conn:
+        found = await current_policy(conn, wallet_id)
+    if found is None:
+        raise InvalidRequest("set the wallet's policy before granting on it: a grant only narrows a policy")
     try:
-        load_grant(document)
+        load_grant(document, found[1])
     except PolicyValidationError as error:
         raise _invalid(error) from None
     now = datetime.now(UTC)
@@ -157,6 +161,10 @@ async def set_grant(ctx: Context, agent_id: str, wallet_id: str, document: dict[
         return version
 
 
+class GrantInvalid(Exception):
+    """A stored grant no longer fits the wallet's policy (e.g. it names an asset the policy dropped)."""
+
+
 async def current_grant(conn: AsyncConnection, agent_id: str, wallet_id: str, policy: Policy) -> Grant | None:
     row = (
         await conn.execute(
@@ -165,4 +173,9 @@ async def current_grant(conn: AsyncConnection, agent_id: str, wallet_id: str, po
             )
         )
     ).first()
-    return None if row is None else load_grant(json.loads(row.document), policy)
+    if row is None:
+        return None
+    try:
+        return load_grant(json.loads(row.document), policy)
+    except PolicyValidationError:
+        raise GrantInvalid(agent_id) from None

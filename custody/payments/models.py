@@ -68,6 +68,7 @@ class PaymentRow(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     wallet_id: str = Field(foreign_key="wallets.id", max_length=40)
     agent_id: str = Field(foreign_key="agents.id", max_length=40, index=True)
+    key_id: str | None = Field(default=None, max_length=40, description="the agent key that asked")
     method: str = Field(max_length=20)
     request: str = Field(sa_column=Column(Text, nullable=False), description="the request body (JSON)")
     payee: str | None = Field(default=None, max_length=42)
@@ -134,3 +135,16 @@ class FreezeRow(SQLModel, table=True):
     frozen_at: datetime = Field(sa_column=_ts())
     frozen_by: str = Field(max_length=60)
     reason: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class LedgerBucketRow(SQLModel, table=True):
+    """Hourly totals of ledger_entries per counter and agent, so a window's sum reads at most
+    one row per hour of the window plus the entries of its two partial edge hours."""
+
+    __tablename__ = "ledger_buckets"
+
+    wallet_id: str = Field(primary_key=True, max_length=40)
+    counter: str = Field(primary_key=True, max_length=80)
+    agent_id: str = Field(primary_key=True, max_length=40)
+    bucket: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    amount: int = Field(sa_column=Column(BigInt, nullable=False))

@@ -48,15 +48,15 @@ from custody.errors import (
     UnsupportedSigningMethod,
 )
 from custody.payments.agents import AgentPrincipal
-from custody.payments.documents import current_grant, current_policy
-from custody.payments.ledger import decide, ledger_entries, payments, remaining
+from custody.payments.documents import GrantInvalid, current_grant, current_policy
+from custody.payments.ledger import decide, payments, record, release, remaining
 from custody.payments.models import ApprovalVoteRow, FreezeRow, IdempotencyRow
 from custody.services.context import Context
 from custody.signer import evm
 from custody.storage.db import write_transaction
 from custody.storage.interfaces import Operator
 from custody.webhooks import outbox
-from policies import Decision, Intent, Reason
+from policies import Decision, Intent, Quorum, Reason
 
 Method = Literal["transaction", "typed_data", "message"]
 idempotency_keys: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
@@ -119,6 +119,13 @@ async def _frozen(conn: AsyncConnection, wallet_id: str, agent_id: str) -> str |
 
 async def freeze(ctx: Context, scope: str, target: str, operator: Operator, reason: str | None) -> None:
     scope, target = _freeze_key(scope, target)
+    # Freezing something that does not exist would look like a freeze and stop nothing.
+    if scope == "wallet" and await ctx.wallets.get(target) is None:
+        raise NotFound("no such wallet (freeze takes the wallet id, not its address)")
+    if scope == "agent":
+        from custody.payments.agents import get_agent
+
+        await get_agent(ctx, target)
     async with write_transaction(ctx.engine) as conn:
         exists = (
             await conn.execute(select(freezes.c.scope).where(freezes.c.scope == scope, freezes.c.target == target))
@@ -301,7 +308,7 @@ async def submit(
         return replay
     try:
         response = await _submit(ctx, principal, wallet_id, method, body)
-    except DependencyUnavailable:
+    except (DependencyUnavailable, Frozen):
         await _settle(ctx, agent_id, idempotency_key, None)  # transient: a retry may succeed
         raise
     except CustodyError as error:
@@ -347,7 +354,7 @@ async def _submit(
                 )
             else:
                 decision = await _decide_and_record(
-                    ctx, conn, payment_id, wallet_id, agent_id, method, body, intent, now
+                    ctx, conn, payment_id, wallet_id, principal, method, body, intent, now
                 )
     if frozen:
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
@@ -367,13 +374,14 @@ async def _decide_and_record(
     conn: AsyncConnection,
     payment_id: str,
     wallet_id: str,
-    agent_id: str,
+    principal: AgentPrincipal,
     method: Method,
     body: dict[str, Any],
     intent: Intent,
     now: datetime,
 ) -> Decision:
     """Under the wallet lock: evaluate, record the payment and its reservation, audit the decision."""
+    agent_id = principal.agent.id
     decision = await _evaluate(conn, wallet_id, agent_id, intent, now)
     status = {"allow": "reserved", "deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
     expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
@@ -382,6 +390,7 @@ async def _decide_and_record(
             id=payment_id,
             wallet_id=wallet_id,
             agent_id=agent_id,
+            key_id=principal.key_id,
             method=method,
             request=json.dumps(body),
             payee=intent.payee,
@@ -461,7 +470,12 @@ async def _evaluate(conn: AsyncConnection, wallet_id: str, agent_id: str, intent
             reasons=(Reason(code="no_policy", rule_id="-", message="this wallet has no policy: it signs nothing"),),
         )
     _, policy = found
-    grant = await current_grant(conn, agent_id, wallet_id, policy)
+    try:
+        grant = await current_grant(conn, agent_id, wallet_id, policy)
+    except GrantInvalid:
+        # Fail closed: the narrowing the operator meant can no longer be applied.
+        message = "this agent's grant no longer fits the wallet's policy; an operator must set it again"
+        return Decision(outcome="deny", reasons=(Reason(code="grant_invalid", rule_id="-", message=message),))
     return await decide(conn, wallet_id, policy, intent, now, grant)
 
 
@@ -480,8 +494,7 @@ async def _reserve(
         for d in decision.debits
         if d.amount > 0
     ]
-    if rows:
-        await conn.execute(insert(ledger_entries), rows)
+    await record(conn, rows)
 
 
 async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -496,14 +509,16 @@ async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body
             result = await ctx.signer.sign_typed_data(envelope, dict(body["typed_data"]))
         else:
             result = await ctx.signer.sign_message(envelope, str(body["message"]))
-    except CustodyError as error:
+    except BaseException as error:
+        # Whatever stopped the signature, the reservation must not outlive it.
+        code = error.code if isinstance(error, CustodyError) else type(error).__name__
         async with write_transaction(ctx.engine) as conn:
-            await conn.execute(delete(ledger_entries).where(ledger_entries.c.payment_id == payment_id))
+            await release(conn, payment_id)
             await conn.execute(
                 update(payments).where(payments.c.id == payment_id).values(status="failed", updated_at=_now())
             )
             await ctx.audit.append_in(
-                conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": error.code}
+                conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": code}
             )
         raise
     async with write_transaction(ctx.engine) as conn:
@@ -564,7 +579,12 @@ async def spending_limits(ctx: Context, principal: AgentPrincipal, wallet_id: st
         if found is None:
             return []
         policy = found[1]
-        grant = await current_grant(conn, principal.agent.id, wallet_id, policy)
+        try:
+            grant = await current_grant(conn, principal.agent.id, wallet_id, policy)
+        except GrantInvalid:
+            raise Conflict(
+                "this agent's grant no longer fits the wallet's policy; an operator must set it again"
+            ) from None
         now = _now()
         return [
             {
@@ -608,127 +628,152 @@ async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
 async def vote(
     ctx: Context, operator: Operator, payment_id: str, choice: Literal["approve", "reject"], comment: str | None
 ) -> dict[str, Any]:
-    """Record an approver's vote; on the last approval needed, re-evaluate, reserve and sign."""
+    """Record an approver's vote; on the last approval needed, re-evaluate, reserve and sign.
+
+    Who may vote, and how many votes are needed, come from the payment evaluated again now
+    against the current policy (so a policy change cannot leave it stuck on an old group).
+    """
     now = _now()
-    async with ctx.engine.connect() as conn:
-        conn = await conn.execution_options(sqlite_immediate=True)
-        async with conn.begin():
-            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
-            if row is None:
-                raise NotFound("no such payment")
-            await _locked(conn, row.wallet_id)
-            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).one()
-            if row.status != "pending_approval":
-                raise Conflict(f"the payment is {row.status}, not pending approval")
-            expires_at = _aware(row.expires_at)
-            if expires_at is not None and expires_at <= now:
-                await conn.execute(
-                    update(payments).where(payments.c.id == payment_id).values(status="expired", updated_at=now)
-                )
-                return {"payment_id": payment_id, "status": "expired"}
-            decision = Decision.model_validate_json(row.decision)
-            found = await current_policy(conn, row.wallet_id)
-            groups = found[1].approver_groups if found else {}
-            needed = list(decision.approvals or ((decision.quorum,) if decision.quorum else ()))
-            if not any(_member(operator, groups.get(q.group)) for q in needed):
-                raise Forbidden("you are not in an approver group this payment needs")
-            already = (
-                await conn.execute(
-                    select(approval_votes.c.id).where(
-                        approval_votes.c.payment_id == payment_id, approval_votes.c.operator_id == operator.id
-                    )
-                )
-            ).first()
-            if already is not None:
-                raise Conflict("you have already voted on this payment")
+    async with write_transaction(ctx.engine) as conn:
+        row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
+        if row is None:
+            raise NotFound("no such payment")
+        await _locked(conn, row.wallet_id)
+        row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).one()
+        if row.status != "pending_approval":
+            raise Conflict(f"the payment is {row.status}, not pending approval")
+        expires_at = _aware(row.expires_at)
+        if expires_at is not None and expires_at <= now:
             await conn.execute(
-                insert(approval_votes).values(
-                    payment_id=payment_id, operator_id=operator.id, vote=choice, comment=comment, at=now
+                update(payments).where(payments.c.id == payment_id).values(status="expired", updated_at=now)
+            )
+            return {"payment_id": payment_id, "status": "expired"}
+        frozen = await _frozen(conn, row.wallet_id, row.agent_id)
+        if frozen:
+            raise Frozen(f"{frozen}: vote again after an operator unfreezes it")
+        wallet = await ctx.wallets.get(row.wallet_id)
+        if wallet is None:
+            raise NotFound("no such payment")
+        body = json.loads(row.request)
+        intent = _intent(row.method, body, row.wallet_id, wallet.address, row.agent_id)
+        fresh = await _evaluate(conn, row.wallet_id, row.agent_id, intent, now)
+        found = await current_policy(conn, row.wallet_id)
+        groups = found[1].approver_groups if found else {}
+        stored = Decision.model_validate_json(row.decision)
+        needed = list(_quorums(fresh) if fresh.outcome == "needs_approval" else _quorums(stored))
+        if not any(_member(operator, groups.get(q.group)) for q in needed):
+            raise Forbidden("you are not in an approver group this payment needs")
+        already = (
+            await conn.execute(
+                select(approval_votes.c.id).where(
+                    approval_votes.c.payment_id == payment_id, approval_votes.c.operator_id == operator.id
                 )
             )
-            await ctx.audit.append_in(
+        ).first()
+        if already is not None:
+            raise Conflict("you have already voted on this payment")
+        await conn.execute(
+            insert(approval_votes).values(
+                payment_id=payment_id, operator_id=operator.id, vote=choice, comment=comment, at=now
+            )
+        )
+        await ctx.audit.append_in(
+            conn,
+            "approval.voted",
+            actor=f"operator:{operator.id}",
+            subject=payment_id,
+            data={"vote": choice, "comment": comment},
+        )
+        if choice == "reject":
+            await _finish(conn, payment_id, "rejected", None, now)
+            await outbox.enqueue(
                 conn,
-                "approval.voted",
-                actor=f"operator:{operator.id}",
-                subject=payment_id,
-                data={"vote": choice, "comment": comment},
+                "payment.rejected",
+                {"payment_id": payment_id, "wallet_id": row.wallet_id, "by": operator.id, "comment": comment},
+                now,
             )
-            if choice == "reject":
-                await conn.execute(
-                    update(payments).where(payments.c.id == payment_id).values(status="rejected", updated_at=now)
-                )
-                await outbox.enqueue(
-                    conn,
-                    "payment.rejected",
-                    {"payment_id": payment_id, "wallet_id": row.wallet_id, "by": operator.id, "comment": comment},
-                    now,
-                )
-                ctx.outbox_wake.set()
-                return {"payment_id": payment_id, "status": "rejected"}
-            approvers = {
-                v.operator_id
-                for v in (await conn.execute(select(approval_votes).where(approval_votes.c.payment_id == payment_id)))
-                if v.vote == "approve"
-            }
-            if not _quorum_met(needed, groups, approvers, await _names(ctx, approvers)):
-                return {"payment_id": payment_id, "status": "pending_approval", "approvals": sorted(approvers)}
-            frozen = await _frozen(conn, row.wallet_id, row.agent_id)
-            if frozen:
-                raise Frozen(f"{frozen}: approve again after an operator unfreezes it")
-            wallet = await ctx.wallets.get(row.wallet_id)
-            assert wallet is not None
-            body = json.loads(row.request)
-            intent = _intent(row.method, body, row.wallet_id, wallet.address, row.agent_id)
-            fresh = await _evaluate(conn, row.wallet_id, row.agent_id, intent, now)
-            if fresh.outcome == "needs_approval":
-                if _quorum_met(
-                    fresh.approvals or ((fresh.quorum,) if fresh.quorum else ()),
-                    groups,
-                    approvers,
-                    await _names(ctx, approvers),
-                ):
-                    fresh = fresh.model_copy(update={"outcome": "allow"})
-                else:
-                    return {"payment_id": payment_id, "status": "pending_approval", "approvals": sorted(approvers)}
-            await ctx.audit.append_in(
-                conn,
-                "payment.decided",
-                actor=f"operator:{operator.id}",
-                subject=payment_id,
-                data={
-                    "wallet_id": row.wallet_id,
-                    "method": row.method,
-                    "intent": _intent_summary(intent),
-                    "outcome": fresh.outcome,
-                    "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in fresh.reasons],
-                    "after_approval": True,
-                },
-            )
-            if fresh.outcome == "deny":
+            ctx.outbox_wake.set()
+            return {"payment_id": payment_id, "status": "rejected"}
+        approvers = {
+            v.operator_id
+            for v in await conn.execute(select(approval_votes).where(approval_votes.c.payment_id == payment_id))
+            if v.vote == "approve"
+        }
+        names = await _names(ctx, approvers)
+        if fresh.outcome == "needs_approval":
+            if not _quorum_met(needed, groups, approvers, names):
                 await conn.execute(
                     update(payments)
                     .where(payments.c.id == payment_id)
-                    .values(status="denied", decision=_decision_json(fresh), updated_at=now)
+                    .values(
+                        decision=_decision_json(fresh),
+                        quorum_group=fresh.quorum.group if fresh.quorum else None,
+                        quorum_m=fresh.quorum.m if fresh.quorum else None,
+                        updated_at=now,
+                    )
                 )
-                return {
-                    "payment_id": payment_id,
-                    "status": "denied",
-                    "reasons": [reason_json(r) for r in fresh.reasons],
-                }
-            await conn.execute(
-                update(payments)
-                .where(payments.c.id == payment_id)
-                .values(status="reserved", decision=_decision_json(fresh), updated_at=now)
-            )
-            await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
-            await outbox.enqueue(
-                conn,
-                "payment.approved",
-                {"payment_id": payment_id, "wallet_id": row.wallet_id, "approvers": sorted(approvers)},
-                now,
-            )
-    result = await _sign(ctx, payment_id, row.wallet_id, row.method, json.loads(row.request))
+                return {"payment_id": payment_id, "status": "pending_approval", "approvals": sorted(approvers)}
+            fresh = fresh.model_copy(update={"outcome": "allow"})
+        key_problem = await _key_problem(conn, row.key_id, row.wallet_id, now)
+        if key_problem is not None:
+            fresh = Decision(outcome="deny", reasons=(Reason(code="key_revoked", rule_id="-", message=key_problem),))
+        await ctx.audit.append_in(
+            conn,
+            "payment.decided",
+            actor=f"operator:{operator.id}",
+            subject=payment_id,
+            data={
+                "wallet_id": row.wallet_id,
+                "method": row.method,
+                "intent": _intent_summary(intent),
+                "outcome": fresh.outcome,
+                "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in fresh.reasons],
+                "after_approval": True,
+            },
+        )
+        if fresh.outcome == "deny":
+            await _finish(conn, payment_id, "denied", fresh, now)
+            return {"payment_id": payment_id, "status": "denied", "reasons": [reason_json(r) for r in fresh.reasons]}
+        await _finish(conn, payment_id, "reserved", fresh, now)
+        await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
+        await outbox.enqueue(
+            conn,
+            "payment.approved",
+            {"payment_id": payment_id, "wallet_id": row.wallet_id, "approvers": sorted(approvers)},
+            now,
+        )
+    result = await _sign(ctx, payment_id, row.wallet_id, row.method, body)
     return {"payment_id": payment_id, "status": "signed", "result": result}
+
+
+def _quorums(decision: Decision) -> tuple[Quorum, ...]:
+    return decision.approvals or ((decision.quorum,) if decision.quorum else ())
+
+
+async def _finish(
+    conn: AsyncConnection, payment_id: str, status: str, decision: Decision | None, now: datetime
+) -> None:
+    values: dict[str, Any] = {"status": status, "updated_at": now}
+    if decision is not None:
+        values["decision"] = _decision_json(decision)
+    await conn.execute(update(payments).where(payments.c.id == payment_id).values(**values))
+
+
+async def _key_problem(conn: AsyncConnection, key_id: str | None, wallet_id: str, now: datetime) -> str | None:
+    """Why the key that asked for a payment may no longer have it signed (None when it may)."""
+    if key_id is None:
+        return None
+    from custody.payments.agents import agent_keys
+
+    key = (await conn.execute(select(agent_keys).where(agent_keys.c.id == key_id))).first()
+    if key is None or key.revoked_at is not None:
+        return "the agent key that asked for this payment has been revoked"
+    expires = _aware(key.expires_at)
+    if expires is not None and expires <= now:
+        return "the agent key that asked for this payment has expired"
+    if wallet_id not in json.loads(key.wallet_ids):
+        return "the agent key that asked for this payment may no longer use this wallet"
+    return None
 
 
 def _member(operator: Operator, group: Any) -> bool:

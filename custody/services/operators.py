@@ -12,7 +12,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Literal
 
-from custody.errors import Conflict, Forbidden, Unauthorized
+from custody.errors import Conflict, Forbidden, NotFound, Unauthorized
 from custody.services.context import Context
 from custody.storage.interfaces import Operator
 
@@ -61,3 +61,16 @@ async def ensure_first_admin(ctx: Context) -> str | None:
         return None
     _, token = await issue_operator(ctx, "admin", "admin")
     return token
+
+
+async def revoke_operator(ctx: Context, operator_id: str, by: Operator) -> None:
+    """Revoke an operator's credential at once; the last active admin cannot be revoked."""
+    target = await ctx.operators.get(operator_id)
+    if target is None or target.revoked_at is not None:
+        raise NotFound("no such active operator")
+    if target.role == "admin":
+        admins = [op for op in await ctx.operators.list() if op.role == "admin" and op.revoked_at is None]
+        if len(admins) <= 1:
+            raise Conflict("this is the last active admin: issue another admin first")
+    await ctx.operators.revoke(operator_id, datetime.now(UTC))
+    await ctx.audit.append("operator.revoked", actor=f"operator:{by.id}", subject=operator_id)

@@ -79,6 +79,13 @@ def normalize_transaction(tx: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidTransaction(
             "chainId is required and must be at least 1 (unprotected transactions can be replayed)"
         )
+    for field in ("value", "gas", "gasPrice", "maxFeePerGas", "maxPriorityFeePerGas", "nonce"):
+        amount = out.get(field)
+        if isinstance(amount, int) and not isinstance(amount, bool) and not 0 <= amount < 2**256:
+            raise InvalidTransaction(f"{field} is outside 0 .. 2**256-1")
+    fee = out.get("maxFeePerGas", out.get("gasPrice", 0))
+    if isinstance(fee, int) and isinstance(out.get("gas"), int) and out["gas"] * fee >= 2**256:
+        raise InvalidTransaction("gas × fee overflows 256 bits")
     if tx_type == 0:
         out.pop("type", None)  # eth-account infers legacy transactions from their fields
     return out

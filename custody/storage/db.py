@@ -78,10 +78,11 @@ def _register_sum(dbapi_connection: Any) -> None:
     """
     from sqlalchemy.util import await_
 
-    from custody.storage.types import ExactSum
+    from custody.storage.types import ExactSum, exact_add
 
     aio = dbapi_connection._connection
     await_(aio._execute(aio._conn.create_aggregate, "custody_sum", 1, ExactSum))
+    await_(aio._execute(aio._conn.create_function, "custody_add", 2, exact_add, deterministic=True))
 
 
 def _alembic_config(connection: Connection) -> Config:

@@ -163,3 +163,17 @@ class SqlOperatorStore:
     async def count(self) -> int:
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.count()).select_from(operators))).scalar_one())
+
+    async def list(self) -> list[Operator]:
+        async with self.engine.connect() as conn:
+            ids = [row.id for row in await conn.execute(select(operators.c.id).order_by(operators.c.created_at))]
+        return [op for op in [await self.get(i) for i in ids] if op is not None]
+
+    async def revoke(self, operator_id: str, at: datetime) -> bool:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(operators)
+                .where(operators.c.id == operator_id, operators.c.revoked_at.is_(None))
+                .values(revoked_at=at)
+            )
+        return bool(result.rowcount == 1)

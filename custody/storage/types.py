@@ -47,3 +47,8 @@ class ExactSum:
 
     def finalize(self) -> str:
         return str(self.total)
+
+
+def exact_add(a: str | int | None, b: str | int | None) -> str:
+    """SQLite function ``custody_add``: the exact sum of two decimal-text integers."""
+    return str(int(a or 0) + int(b or 0))

@@ -173,22 +173,29 @@ class Dispatcher:
         self.backoff = backoff
         self.http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
         self.wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Let the current round finish (cancelling a database call midway can wedge the pool)."""
+        self._stopping = True
+        self.wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         await self.http.aclose()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                while await self.deliver_due() > 0:
+                while not self._stopping and await self.deliver_due() > 0:
                     pass
             except Exception as exc:  # the database may be down: try again later, never crash the API
                 log.warning("webhook dispatch failed: %s", type(exc).__name__)
@@ -199,6 +206,12 @@ class Dispatcher:
     async def deliver_due(self, limit: int = 20) -> int:
         """Deliver up to ``limit`` due deliveries; returns how many were attempted."""
         now = datetime.now(UTC)
+        async with self.engine.connect() as probe:  # a plain read first: no write lock while idle
+            due_query = select(deliveries.c.id).where(
+                deliveries.c.status == "pending", deliveries.c.next_attempt_at <= now
+            )
+            if (await probe.execute(due_query.limit(1))).first() is None:
+                return 0
         async with write_transaction(self.engine) as conn:
             query = (
                 select(deliveries, webhooks.c.url, webhooks.c.signing_key)

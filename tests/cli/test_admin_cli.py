@@ -77,7 +77,22 @@ def test_operator_sets_up_an_agent_policy_grant_freeze_and_webhook(
         assert kind in kinds, kind
 
 
-def test_an_unknown_local_operator_is_refused(local: dict[str, str]) -> None:
-    code, _, err = run("approvals", "approve", "pay_x", "--operator", "mallory")
+def test_an_unknown_local_operator_is_refused(local: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUSTODY_OPERATOR", "mallory")
+    code, _, err = run("agent", "list")
     assert code == 1
     assert "error [unauthorized]: no active operator named 'mallory'" in err
+
+
+def test_a_local_vote_needs_the_voters_own_token(local: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run("approvals", "approve", "pay_x")
+    assert code == 1
+    assert "votes need the approver's own credential" in err
+    issued = _json("operator", "create", "ana", "--role", "approver")
+    monkeypatch.setenv("CUSTODY_ADMIN_TOKEN", str(issued["token"]))
+    code, _, err = run("approvals", "approve", "pay_x")
+    assert code == 1
+    assert "error [not_found]" in err  # authenticated as ana; the payment does not exist
+    monkeypatch.setenv("CUSTODY_ADMIN_TOKEN", str(issued["token"]) + "x")
+    code, _, err = run("approvals", "approve", "pay_x")
+    assert "error [unauthorized]" in err

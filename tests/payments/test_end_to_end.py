@@ -20,7 +20,7 @@ from web3 import EthereumTesterProvider, Web3
 
 from custody.cli import app as cli
 from custody.client import AsyncCustodyClient, Frozen, PolicyDenied
-from custody.payments.ledger import ledger_entries
+from custody.payments.ledger import ledger_buckets, ledger_entries
 from custody.settings import Settings
 from tests.payments.helpers import agent_key, native_policy, set_policy, wallet
 
@@ -49,7 +49,7 @@ def _mine(w3: Web3, raw: str) -> None:
 async def test_policy_budget_approval_and_freeze_end_to_end(
     api: tuple[httpx.AsyncClient, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    admin, _ = api
+    admin, admin_token = api
     w3 = Web3(EthereumTesterProvider())
     bob, eve = w3.eth.accounts[1], w3.eth.accounts[2]
     payer = await wallet(admin)
@@ -79,12 +79,14 @@ async def test_policy_budget_approval_and_freeze_end_to_end(
         ctx = app.state.ctx
         async with ctx.engine.begin() as conn:
             await conn.execute(update(ledger_entries).values(at=ledger_entries.c.at - timedelta(days=1)))
+            await conn.execute(update(ledger_buckets).values(bucket=ledger_buckets.c.bucket - timedelta(days=1)))
 
         pending = await agent.sign_transaction(payer["id"], _tx(w3, payer["address"], bob, 6 * ETH // 10))
         assert pending.pending
         monkeypatch.setenv("CUSTODY_DATA_DIR", str(settings.data_dir))
         if settings.database_url:
             monkeypatch.setenv("CUSTODY_DATABASE_URL", settings.database_url)
+        monkeypatch.setenv("CUSTODY_ADMIN_TOKEN", admin_token)  # a vote needs the voter's own credential
         approved = await asyncio.to_thread(
             CliRunner().invoke, cli, ["approvals", "approve", pending.payment_id, "--comment", "invoice 7", "--json"]
         )

@@ -288,3 +288,62 @@ async def test_approval_re_evaluates_against_the_current_budget(api: API) -> Non
     assert "cap_exceeded" in [r["code"] for r in approved.json()["reasons"]]
     status = (await client.get(f"/v1/payments/{payment_id}", headers=headers)).json()
     assert status["status"] == "denied"
+
+
+async def test_freezing_something_that_does_not_exist_is_refused(api: API) -> None:
+    client, _ = api
+    payer, _ = await _setup(api)
+    for body in ({"scope": "wallet", "target": "wal_missing"}, {"scope": "wallet", "target": payer["address"]}):
+        response = await client.post("/admin/v1/freezes", json=body)
+        assert response.status_code in (400, 404)
+    assert (await client.post("/admin/v1/freezes", json={"scope": "wallet", "target": "wal x"})).status_code == 400
+    assert (await client.get("/admin/v1/freezes")).json()["freezes"] == []
+
+
+async def test_a_grant_naming_what_the_policy_lacks_is_refused(api: API) -> None:
+    client, _ = api
+    payer, _ = await _setup(api)
+    agent_id = (await client.get("/admin/v1/agents")).json()["agents"][0]["id"]
+    grant = {
+        "schema_version": 1,
+        "agent_id": "x",
+        "rules": [{"id": "g", "type": "cap", "asset": "usdc", "max": "1", "period": "day"}],
+    }
+    response = await client.put(f"/admin/v1/agents/{agent_id}/grants/{payer['id']}", json={"document": grant})
+    assert response.status_code == 400
+
+
+async def test_a_revoked_key_cannot_have_its_pending_payment_signed(api: API) -> None:
+    client, _ = api
+    payer, headers = await _setup(api, approval_above=ETH // 2)
+    payment_id = (await _pay(client, headers, payer["id"], 6 * ETH // 10)).json()["payment_id"]
+    agent_id = (await client.get("/admin/v1/agents")).json()["agents"][0]["id"]
+    key_id = headers["Authorization"].split(".")[1]
+    assert (await client.delete(f"/admin/v1/agents/{agent_id}/keys/{key_id}")).status_code == 204
+    approved = await client.post(f"/admin/v1/approvals/{payment_id}/approve", json={})
+    assert approved.json()["status"] == "denied"
+    assert [r["code"] for r in approved.json()["reasons"]] == ["key_revoked"]
+
+
+async def test_overflowing_gas_values_are_refused(api: API) -> None:
+    client, _ = api
+    payer, headers = await _setup(api)
+    tx = transfer(CHAIN, BOB, 1) | {"gas": 2**200, "maxFeePerGas": 2**200}
+    response = await client.post(
+        f"/v1/wallets/{payer['id']}/sign/transaction", json={"transaction": tx}, headers=headers
+    )
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_transaction"
+
+
+async def test_a_policy_change_of_approver_group_does_not_strand_a_pending_payment(api: API) -> None:
+    client, _ = api
+    payer, headers = await _setup(api, approval_above=ETH // 2)
+    payment_id = (await _pay(client, headers, payer["id"], 6 * ETH // 10)).json()["payment_id"]
+    document = native_policy(CHAIN, [BOB], ETH, approval_above=ETH // 2)
+    document["approver_groups"] = {"ops": {"members": ["nobody"]}, "cfo": {"members": ["admin"]}}
+    document["rules"][-1]["group"] = "cfo"
+    await set_policy(client, payer["id"], document)
+    approved = await client.post(f"/admin/v1/approvals/{payment_id}/approve", json={})
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["status"] == "signed"

@@ -1,0 +1,89 @@
+"""The SQL ledger's window sums are exact: hourly buckets plus edge entries equal a plain sum."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import insert
+
+from custody.keys.envelope import KeyEnvelope
+from custody.payments.ledger import payments, record, release, window_total
+from custody.payments.models import AgentRow
+from custody.services.context import Context
+from custody.storage.db import write_transaction
+from custody.storage.interfaces import Wallet
+
+START = datetime(2026, 3, 28, 22, 0, tzinfo=UTC)
+COUNTER = "1:native"
+
+
+async def _wallet_with_payment(ctx: Context) -> None:
+    now = START
+    await ctx.wallets.add(
+        Wallet("wal_l", "l", "0x" + "11" * 20, "0x04", 1, now), KeyEnvelope("wal_l", 1, 1, b"x", b"x")
+    )
+    async with write_transaction(ctx.engine) as conn:
+        await conn.execute(insert(AgentRow.__table__).values(id="agt_a", name="a", created_at=now))  # type: ignore[attr-defined]
+        for payment_id in ("pay_1", "pay_2"):
+            await conn.execute(
+                insert(payments).values(
+                    id=payment_id,
+                    wallet_id="wal_l",
+                    agent_id="agt_a",
+                    method="transaction",
+                    request="{}",
+                    status="signed",
+                    decision="{}",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+
+
+async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: object) -> None:
+    ctx = await Context.open(settings)  # type: ignore[arg-type]
+    try:
+        await _wallet_with_payment(ctx)
+        rng = random.Random(7)
+        entries = []
+        for _ in range(400):
+            at = START + timedelta(microseconds=rng.randrange(0, 3 * 24 * 3600 * 10**6))
+            if rng.random() < 0.2:  # many right on an hour boundary
+                at = at.replace(minute=0, second=0, microsecond=0)
+            agent = rng.choice(["agt_a", "agt_b"])
+            amount = rng.choice([1, 10**18, 2**200])
+            entries.append(
+                {
+                    "payment_id": rng.choice(["pay_1", "pay_2"]),
+                    "wallet_id": "wal_l",
+                    "agent_id": agent,
+                    "counter": COUNTER,
+                    "amount": amount,
+                    "at": at,
+                }
+            )
+        async with write_transaction(ctx.engine) as conn:
+            await record(conn, entries)
+        boundaries = [e["at"] for e in entries[:50]] + [START + timedelta(hours=h) for h in range(0, 80, 7)]
+        async with ctx.engine.connect() as conn:
+            for _ in range(150):
+                since = rng.choice(boundaries) + timedelta(microseconds=rng.choice([-1000, -1, 0, 1, 1000]))
+                until = since + timedelta(microseconds=rng.randrange(0, 2 * 24 * 3600 * 10**6))
+                agent = rng.choice([None, "agt_a"])
+                expected = sum(
+                    e["amount"]
+                    for e in entries
+                    if since <= e["at"] < until and (agent is None or e["agent_id"] == agent)
+                )
+                assert await window_total(conn, "wal_l", COUNTER, since, until, agent) == expected
+        async with write_transaction(ctx.engine) as conn:
+            await release(conn, "pay_1")
+        left = [e for e in entries if e["payment_id"] == "pay_2"]
+        async with ctx.engine.connect() as conn:
+            everything = await window_total(
+                conn, "wal_l", COUNTER, START - timedelta(days=1), START + timedelta(days=5), None
+            )
+        assert everything == sum(e["amount"] for e in left)
+    finally:
+        await ctx.close()
