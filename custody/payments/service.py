@@ -332,10 +332,19 @@ async def _submit(
     ctx: Context, principal: AgentPrincipal, wallet_id: str, method: Method, body: dict[str, Any]
 ) -> Response:
     agent_id = principal.agent.id
-    wallet = await ctx.wallets.get(wallet_id) if wallet_id in principal.wallet_ids else None
-    if wallet is None:
-        raise NotFound("no such wallet")
-    intent = _intent(method, body, wallet_id, wallet.address, agent_id)
+    try:
+        wallet = await ctx.wallets.get(wallet_id) if wallet_id in principal.wallet_ids else None
+        if wallet is None:
+            raise NotFound("no such wallet")
+        intent = _intent(method, body, wallet_id, wallet.address, agent_id)
+    except CustodyError as error:
+        # Requests refused before any decision are recorded too (by code; the body is not kept).
+        await ctx.audit.append(
+            "payment.request_refused",
+            actor=f"agent:{agent_id}",
+            data={"wallet_id": wallet_id[:100], "method": method, "code": error.code},
+        )
+        raise
     payment_id = "pay_" + secrets.token_hex(10)
     now = _now()
     async with ctx.engine.connect() as conn:

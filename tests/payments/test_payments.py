@@ -204,6 +204,7 @@ async def test_every_decision_vote_signature_and_admin_change_is_audited(api: AP
     assert (await client.post(f"/admin/v1/approvals/{pending}/approve", json={"comment": "fine"})).status_code == 200
     assert (await client.post("/admin/v1/freezes", json={"scope": "all"})).status_code == 204
     assert (await _pay(client, headers, payer["id"], 1)).status_code == 423
+    assert (await _pay(client, headers, "wal_not_mine", 1)).status_code == 404
     events = (await client.get("/admin/v1/audit", params={"limit": 1000})).json()["events"]
     kinds = [e["kind"] for e in events]
     for kind in (
@@ -216,6 +217,7 @@ async def test_every_decision_vote_signature_and_admin_change_is_audited(api: AP
         "approval.voted",
         "freeze.set",
         "payment.refused",
+        "payment.request_refused",
     ):
         assert kind in kinds, kind
     outcomes = [e["data"]["outcome"] for e in events if e["kind"] == "payment.decided"]
