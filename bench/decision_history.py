@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, text
 
 from custody.payments.ledger import decide, ledger_buckets, ledger_entries, payments, record
 from custody.payments.models import AgentRow
@@ -69,6 +69,11 @@ async def _fill(ctx: Context, wallet_id: str, count: int, now: datetime) -> None
                 )
         async with write_transaction(ctx.engine) as conn:
             await record(conn, rows)
+    async with ctx.engine.connect() as conn:  # what autovacuum would do after a bulk load
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("ANALYZE ledger_entries"))
+            await conn.execute(text("ANALYZE ledger_buckets"))
+            await conn.commit()
 
 
 async def _time_decisions(ctx: Context, wallet_id: str, now: datetime, rounds: int) -> float:
