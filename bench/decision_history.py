@@ -22,13 +22,13 @@ from pathlib import Path
 
 from sqlalchemy import delete, insert, text
 
+from custody.keys.envelope import KeyEnvelope
 from custody.payments.ledger import decide, ledger_buckets, ledger_entries, payments, record
 from custody.payments.models import AgentRow
 from custody.services.context import Context
 from custody.settings import Settings
 from custody.storage.db import write_transaction
 from custody.storage.interfaces import Wallet
-from custody.keys.envelope import KeyEnvelope
 from policies import Intent, load_policy
 
 CHAIN = 8453
