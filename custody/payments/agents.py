@@ -21,6 +21,7 @@ from custody.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from custody.payments.models import AgentKeyRow, AgentRow
 from custody.services.context import Context
 from custody.storage.db import write_transaction
+from custody.storage.types import as_utc
 
 agents: Table = AgentRow.__table__  # type: ignore[attr-defined]
 agent_keys: Table = AgentKeyRow.__table__  # type: ignore[attr-defined]
@@ -55,10 +56,6 @@ class AgentPrincipal:
     wallet_ids: frozenset[str]
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
-
-
 async def create_agent(ctx: Context, name: str, actor: str) -> Agent:
     if not _NAME.fullmatch(name):
         raise InvalidRequest("an agent name is 1-100 letters, digits, '.', '_' or '-'", field="name")
@@ -75,7 +72,7 @@ async def create_agent(ctx: Context, name: str, actor: str) -> Agent:
 async def list_agents(ctx: Context) -> list[Agent]:
     async with ctx.engine.connect() as conn:
         rows = await conn.execute(select(agents).order_by(agents.c.created_at, agents.c.id))
-        return [Agent(r.id, r.name, _aware(r.created_at) or r.created_at) for r in rows]
+        return [Agent(r.id, r.name, as_utc(r.created_at)) for r in rows]
 
 
 async def get_agent(ctx: Context, agent_id: str) -> Agent:
@@ -83,7 +80,7 @@ async def get_agent(ctx: Context, agent_id: str) -> Agent:
         row = (await conn.execute(select(agents).where(agents.c.id == agent_id))).first()
     if row is None:
         raise NotFound("no such agent")
-    return Agent(row.id, row.name, _aware(row.created_at) or row.created_at)
+    return Agent(row.id, row.name, as_utc(row.created_at))
 
 
 async def issue_key(
@@ -135,9 +132,9 @@ async def list_keys(ctx: Context, agent_id: str) -> list[AgentKey]:
                 r.id,
                 r.agent_id,
                 tuple(json.loads(r.wallet_ids)),
-                _aware(r.created_at) or r.created_at,
-                _aware(r.expires_at),
-                _aware(r.revoked_at),
+                as_utc(r.created_at),
+                as_utc(r.expires_at),
+                as_utc(r.revoked_at),
             )
             for r in rows
         ]
@@ -174,8 +171,8 @@ async def authenticate(ctx: Context, token: str | None) -> AgentPrincipal:
     expected = row.secret_hash if row is not None else _DUMMY
     matches = hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), expected)
     now = datetime.now(UTC)
-    expires_at = _aware(row.expires_at) if row is not None else None
+    expires_at = as_utc(row.expires_at) if row is not None else None
     if row is None or not matches or row.revoked_at is not None or (expires_at is not None and expires_at <= now):
         raise Unauthorized("the agent API key is not valid")
-    agent = Agent(row.agent_id, row.name, _aware(row.agent_created) or row.agent_created)
+    agent = Agent(row.agent_id, row.name, as_utc(row.agent_created))
     return AgentPrincipal(agent, row.id, frozenset(json.loads(row.wallet_ids)))

@@ -55,6 +55,7 @@ from custody.services.context import Context
 from custody.signer import evm
 from custody.storage.db import write_transaction
 from custody.storage.interfaces import Operator
+from custody.storage.types import as_utc
 from custody.webhooks import outbox
 from policies import Decision, Intent, Quorum, Reason
 
@@ -76,10 +77,6 @@ class Response:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def reason_json(reason: Reason) -> dict[str, Any]:
@@ -166,7 +163,7 @@ async def list_freezes(ctx: Context) -> list[dict[str, Any]]:
             {
                 "scope": r.scope,
                 "target": r.target if r.scope != "all" else None,
-                "frozen_at": (_aware(r.frozen_at) or r.frozen_at).isoformat(),
+                "frozen_at": (as_utc(r.frozen_at) or r.frozen_at).isoformat(),
                 "frozen_by": r.frozen_by,
                 "reason": r.reason,
             }
@@ -551,7 +548,7 @@ async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body
 
 def payment_body(row: Any, now: datetime) -> dict[str, Any]:
     status = row.status
-    expires_at = _aware(row.expires_at)
+    expires_at = as_utc(row.expires_at)
     if status == "pending_approval" and expires_at is not None and expires_at <= now:
         status = "expired"
     body: dict[str, Any] = {"payment_id": row.id, "status": status, "wallet_id": row.wallet_id}
@@ -651,7 +648,7 @@ async def vote(
         row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).one()
         if row.status != "pending_approval":
             raise Conflict(f"the payment is {row.status}, not pending approval")
-        expires_at = _aware(row.expires_at)
+        expires_at = as_utc(row.expires_at)
         if expires_at is not None and expires_at <= now:
             await conn.execute(
                 update(payments).where(payments.c.id == payment_id).values(status="expired", updated_at=now)
@@ -777,7 +774,7 @@ async def _key_problem(conn: AsyncConnection, key_id: str | None, wallet_id: str
     key = (await conn.execute(select(agent_keys).where(agent_keys.c.id == key_id))).first()
     if key is None or key.revoked_at is not None:
         return "the agent key that asked for this payment has been revoked"
-    expires = _aware(key.expires_at)
+    expires = as_utc(key.expires_at)
     if expires is not None and expires <= now:
         return "the agent key that asked for this payment has expired"
     if wallet_id not in json.loads(key.wallet_ids):

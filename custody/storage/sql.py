@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, and_, func, insert, select, update
@@ -14,19 +14,15 @@ from custody.errors import Conflict
 from custody.keys.envelope import KeyEnvelope
 from custody.storage.interfaces import Operator, Wallet
 from custody.storage.models import OperatorRow, WalletKeyRow, WalletRow
+from custody.storage.types import as_utc
 
 wallets: Table = WalletRow.__table__  # type: ignore[attr-defined]
 wallet_keys: Table = WalletKeyRow.__table__  # type: ignore[attr-defined]
 operators: Table = OperatorRow.__table__  # type: ignore[attr-defined]
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite gives naive datetimes back; everything is stored in UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _wallet(row: Any) -> Wallet:
-    return Wallet(row.id, row.name, row.address, row.public_key, row.key_version, _aware(row.created_at))
+    return Wallet(row.id, row.name, row.address, row.public_key, row.key_version, as_utc(row.created_at))
 
 
 def _envelope(row: Any) -> KeyEnvelope:
@@ -151,8 +147,8 @@ class SqlOperatorStore:
             row = (await conn.execute(select(operators).where(operators.c.id == operator_id))).first()
         if row is None:
             return None
-        revoked = _aware(row.revoked_at) if row.revoked_at else None
-        return Operator(row.id, row.name, row.role, row.secret_hash, _aware(row.created_at), revoked)
+        revoked = as_utc(row.revoked_at) if row.revoked_at else None
+        return Operator(row.id, row.name, row.role, row.secret_hash, as_utc(row.created_at), revoked)
 
     async def get_by_name(self, name: str) -> Operator | None:
         async with self.engine.connect() as conn:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import Numeric, Text
 from sqlalchemy.engine import Dialect
@@ -52,3 +53,13 @@ class ExactSum:
 def exact_add(a: str | int | None, b: str | int | None) -> str:
     """SQLite function ``custody_add``: the exact sum of two decimal-text integers."""
     return str(int(a or 0) + int(b or 0))
+
+
+_Moment = TypeVar("_Moment", datetime, datetime | None)
+
+
+def as_utc(value: _Moment) -> _Moment:
+    """A stored timestamp as an aware UTC datetime (SQLite hands them back naive; all are UTC)."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

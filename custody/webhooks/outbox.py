@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from custody.errors import InvalidRequest, NotFound
 from custody.storage.db import write_transaction
+from custody.storage.types import as_utc
 from custody.webhooks.models import DeliveryRow, WebhookRow
 
 log = logging.getLogger("custody.webhooks")
@@ -93,7 +94,7 @@ async def list_webhooks(engine: AsyncEngine) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         rows = await conn.execute(select(webhooks.c.id, webhooks.c.url, webhooks.c.events, webhooks.c.created_at))
         return [
-            _public({"id": r.id, "url": r.url, "events": json.loads(r.events), "created_at": _aware(r.created_at)})
+            _public({"id": r.id, "url": r.url, "events": json.loads(r.events), "created_at": as_utc(r.created_at)})
             for r in rows
         ]
 
@@ -120,14 +121,10 @@ async def list_deliveries(engine: AsyncEngine, status: str | None = None) -> lis
                 "status": r.status,
                 "attempts": r.attempts,
                 "last_error": r.last_error,
-                "created_at": _aware(r.created_at).isoformat(),
+                "created_at": as_utc(r.created_at).isoformat(),
             }
             for r in await conn.execute(query)
         ]
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def enqueue(conn: AsyncConnection, event: str, data: dict[str, Any], now: datetime) -> None:
