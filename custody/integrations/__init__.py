@@ -1,0 +1,1 @@
+"""Integrations of the agent SDK with agent frameworks and payment protocols."""
