@@ -136,6 +136,14 @@ class KeyDecryptionError(CustodyError):
     title = "Stored key material could not be decrypted"
 
 
+class RateLimited(CustodyError):
+    """Too many requests from one agent; ``retry_after`` (seconds) is in the body and the header."""
+
+    code = "rate_limited"
+    status = 429
+    title = "Too many requests"
+
+
 class DependencyUnavailable(CustodyError):
     code = "dependency_unavailable"
     status = 503
@@ -150,6 +158,13 @@ class DatabaseUnavailable(DependencyUnavailable):
 class SignerUnavailable(DependencyUnavailable):
     code = "signer_unavailable"
     title = "The signer is not reachable"
+
+
+class AuditUnavailable(DependencyUnavailable):
+    """The audit record could not be written, so the action it records was not taken."""
+
+    code = "audit_unavailable"
+    title = "The audit log cannot be written"
 
 
 class SignerSealed(DependencyUnavailable):

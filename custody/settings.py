@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,7 +39,19 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str | None = None
     allow_sqlite: bool = False
+    # Longest wait for the database (connect, pool, each statement): past it, a request gets a 503.
+    database_timeout_seconds: float = 10.0
     redis_url: str | None = None
+    # Key prefix in Redis, so several deployments (or tests) can share one server.
+    redis_prefix: str = "custody:"
+
+    # Requests per minute one agent may send (sign requests and status polls); 0 turns it off.
+    # Shared between API replicas through Redis; per process without it (or while Redis is down).
+    agent_rate_limit_per_minute: int = 600
+    # A reservation not signed within this time belongs to a crashed request: it is released.
+    reservation_lease_seconds: float = 60.0
+    # Crash points for recovery tests (custody/failpoints.py); refused in production.
+    failpoints: str | None = None
 
     # The signer and its socket.
     signer_socket: Path | None = None
@@ -63,9 +77,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
 
+    # Logs and metrics (docs/observability.md). The log format defaults to json in production.
+    log_format: Literal["json", "text"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    access_log: bool = False
+    # /metrics needs an operator token unless this is set (then bind the API to an internal network).
+    metrics_public: bool = False
+
     # The CLI against a remote service.
     url: str | None = None
     admin_token: SecretStr | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("signer_socket_mode", mode="before")
     @classmethod
@@ -78,6 +104,10 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.mode == "production"
+
+    @property
+    def effective_log_format(self) -> Literal["json", "text"]:
+        return self.log_format or ("json" if self.is_production else "text")
 
     @property
     def socket_path(self) -> Path:
@@ -122,19 +152,19 @@ class Settings(BaseSettings):
         if role in ("signer", "both"):
             problems.extend(self._signer_problems())
         if role in ("api", "both"):
-            problems.extend(self._api_problems())
+            problems.extend(p for p in self._api_problems() if p not in problems)
         return problems
 
     def _signer_problems(self) -> list[str]:
         problems: list[str] = []
+        if self.failpoints:
+            problems.append("CUSTODY_FAILPOINTS is set: crash points are for tests, never for production")
         if self.kek_source is None:
             problems.append("CUSTODY_KEK_SOURCE is not set: choose file, secret or passphrase")
         if self.kek_source == "secret":
             problems.extend(_secret_problems(self))
         if self.kek_source == "passphrase":
-            value = _read_secret(self.kek_passphrase, self.kek_passphrase_file)
-            if value is not None and (value.strip().lower() in KNOWN_DEFAULT_SECRETS or len(value) < 12):
-                problems.append("CUSTODY_KEK_PASSPHRASE is a default or shorter than 12 characters")
+            problems.extend(_passphrase_problems(self))
         if self.signer_socket_mode & 0o007:
             problems.append(
                 f"CUSTODY_SIGNER_SOCKET_MODE={oct(self.signer_socket_mode)} lets any user open "
@@ -144,6 +174,8 @@ class Settings(BaseSettings):
 
     def _api_problems(self) -> list[str]:
         problems: list[str] = []
+        if self.failpoints:
+            problems.append("CUSTODY_FAILPOINTS is set: crash points are for tests, never for production")
         if self.uses_sqlite and not self.allow_sqlite:
             problems.append(
                 "CUSTODY_DATABASE_URL points to SQLite: set a PostgreSQL URL, "
@@ -153,6 +185,8 @@ class Settings(BaseSettings):
             KNOWN_DEFAULT_SECRETS
         ):
             problems.append("CUSTODY_ADMIN_TOKEN is a default value")
+        problems.extend(_url_password_problems("CUSTODY_DATABASE_URL", self.database_url))
+        problems.extend(_url_password_problems("CUSTODY_REDIS_URL", self.redis_url))
         return problems
 
     def require_safe(self, role: Role = "both") -> None:
@@ -161,32 +195,84 @@ class Settings(BaseSettings):
             raise ConfigurationError("production mode refuses to start: " + "; ".join(problems), problems=problems)
 
 
-def _read_secret(value: SecretStr | None, path: Path | None) -> str | None:
+class _Unreadable(Exception):
+    """A secret file that is set but cannot be read; the message names the setting, never the value."""
+
+
+def _read_secret(value: SecretStr | None, path: Path | None, setting: str) -> tuple[str | None, str]:
+    """The secret's text and the setting it came from. The file wins, as in the KEK sources."""
+    if path is not None:
+        try:
+            return path.read_text(), f"{setting}_FILE"
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not text"
+            raise _Unreadable(f"{setting}_FILE={path} cannot be read ({reason})") from None
     if value is not None:
-        return value.get_secret_value()
-    if path is not None and path.exists():
-        return path.read_text().strip()
-    return None
+        return value.get_secret_value(), setting
+    return None, setting
+
+
+def _versioned_values(raw: str) -> list[str]:
+    """The values of ``v<N>:value`` lines (a bare line is one value); blank lines are ignored."""
+    return [re.sub(r"^v\d+:", "", line.strip()) for line in raw.splitlines() if line.strip()]
 
 
 def _secret_problems(settings: Settings) -> list[str]:
-    raw = _read_secret(settings.kek_secret, settings.kek_secret_file)
+    try:
+        raw, name = _read_secret(settings.kek_secret, settings.kek_secret_file, "CUSTODY_KEK_SECRET")
+    except _Unreadable as exc:
+        return [str(exc)]
     if raw is None:
         return ["CUSTODY_KEK_SECRET (or CUSTODY_KEK_SECRET_FILE) is not set"]
+    values = _versioned_values(raw)
+    if not values:
+        return [f"{name} is empty"]
     problems: list[str] = []
-    for line in raw.splitlines():
-        _, _, material = line.strip().rpartition(":")
+    for material in values:
         if material.lower() in KNOWN_DEFAULT_SECRETS or material == _ALL_ZERO_KEY:
-            problems.append("CUSTODY_KEK_SECRET holds a default or all-zero key")
+            problems.append(f"{name} holds a default or all-zero key")
             continue
         try:
             decoded = base64.b64decode(material, validate=True)
         except binascii.Error:
-            problems.append("CUSTODY_KEK_SECRET is not valid base64")
+            problems.append(f"{name} is not valid base64")
             continue
         if len(decoded) != 32:
-            problems.append("CUSTODY_KEK_SECRET must decode to 32 bytes")
+            problems.append(f"{name} must decode to 32 bytes")
     return problems
+
+
+def _passphrase_problems(settings: Settings) -> list[str]:
+    """No passphrase at all is allowed (the signer starts sealed); a weak or unreadable one is not."""
+    try:
+        raw, name = _read_secret(settings.kek_passphrase, settings.kek_passphrase_file, "CUSTODY_KEK_PASSPHRASE")
+    except _Unreadable as exc:
+        return [str(exc)]
+    if raw is None:
+        return []
+    values = _versioned_values(raw)
+    if not values:
+        return [f"{name} is empty"]
+    if any(value.lower() in KNOWN_DEFAULT_SECRETS or len(value) < 12 for value in values):
+        return [f"{name} is a default or shorter than 12 characters"]
+    return []
+
+
+def _url_password_problems(setting: str, url: str | None) -> list[str]:
+    """A password in a connection URL must not be empty, a known default, or the user name."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return []
+    if password is None:
+        return []
+    value = password.strip().lower()
+    if value in KNOWN_DEFAULT_SECRETS or value in {"postgres", "redis"} or value == (parts.username or "").lower():
+        return [f"{setting} has an empty or default password"]
+    return []
 
 
 def ensure_private_dir(path: Path) -> Path:

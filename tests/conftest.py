@@ -11,7 +11,9 @@ import gc
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -33,9 +35,15 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run long soak tests")
+    parser.addoption("--docker", action="store_true", help="run checks that need the Docker client with compose")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--docker"):
+        # Not a skip: these checks are not part of the run unless asked for (no compose client here).
+        kept = [item for item in items if "docker" not in item.keywords]
+        config.hook.pytest_deselected(items=[item for item in items if "docker" in item.keywords])
+        items[:] = kept
     if config.getoption("--soak"):
         return
     skip = pytest.mark.skip(reason="soak test: run with --soak")
@@ -228,6 +236,81 @@ class LiveServer:
 @pytest.fixture
 def live_server(settings: Settings, signer: SignerThread) -> Iterator[LiveServer]:
     server = LiveServer(settings).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+REDIS_URL = os.environ.get("CUSTODY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A private key prefix on the shared Redis; every key under it is deleted afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        if IN_CI:
+            pytest.fail(f"Redis is required in CI: {exc}")
+        pytest.skip(f"Redis not reachable: {exc}")
+    prefix = f"custody-test-{secrets.token_hex(4)}:"
+    try:
+        yield prefix
+    finally:
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+        client.close()
+
+
+class PrivateRedis:
+    """A redis-server of the test's own (own port, own directory), to stop and pause at will."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            if IN_CI:
+                pytest.fail("redis-server is required in CI")
+            pytest.skip("redis-server is not installed")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [executable, *args, "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.02)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture
+def private_redis(short_dir: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(short_dir / "redis").start()
     try:
         yield server
     finally:

@@ -8,19 +8,20 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from custody.api.deps import Agent, Ctx, problem_responses
+from custody.api.deps import Agent, Ctx, PaymentId, WalletId, problem_responses
 from custody.api.problems import PROBLEM_JSON
 from custody.payments import service
+from custody.schemas import RequestBody
 
 router = APIRouter(prefix="/v1", tags=["agent"])
-_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 423, 503)
+_ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 423, 429, 503)
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", max_length=200, description="Same key and body: same response, errors included."),
 ]
 
 
-class _Context(BaseModel):
+class _Context(RequestBody):
     purpose: str | None = Field(default=None, max_length=500, description="Why the agent pays (for people).")
     origin: str | None = Field(default=None, max_length=2000, description="What is paid for, e.g. a URL.")
 
@@ -111,7 +112,7 @@ async def agent_wallets(ctx: Ctx, agent: Agent) -> AgentWallets:
 
 @router.post("/wallets/{wallet_id}/sign/transaction", response_model=Signed, responses=_SIGN_RESPONSES)
 async def sign_transaction(
-    wallet_id: str,
+    wallet_id: WalletId,
     body: SignTransaction,
     ctx: Ctx,
     agent: Agent,
@@ -125,7 +126,7 @@ async def sign_transaction(
 
 @router.post("/wallets/{wallet_id}/sign/typed-data", response_model=Signed, responses=_SIGN_RESPONSES)
 async def sign_typed_data(
-    wallet_id: str,
+    wallet_id: WalletId,
     body: SignTypedData,
     ctx: Ctx,
     agent: Agent,
@@ -139,7 +140,12 @@ async def sign_typed_data(
 
 @router.post("/wallets/{wallet_id}/sign/message", response_model=Signed, responses=_SIGN_RESPONSES)
 async def sign_message(
-    wallet_id: str, body: SignMessage, ctx: Ctx, agent: Agent, request: Request, idempotency_key: IdempotencyKey = None
+    wallet_id: WalletId,
+    body: SignMessage,
+    ctx: Ctx,
+    agent: Agent,
+    request: Request,
+    idempotency_key: IdempotencyKey = None,
 ) -> JSONResponse:
     """Sign a text message (EIP-191); message signing is off unless a rule allows it."""
     payload = body.model_dump(exclude_none=True)
@@ -148,7 +154,7 @@ async def sign_message(
 
 @router.get("/payments/{payment_id}", response_model=PaymentOut, response_model_exclude_none=True, responses=_ERRORS)
 async def payment(
-    payment_id: str,
+    payment_id: PaymentId,
     ctx: Ctx,
     agent: Agent,
     wait: Annotated[float, Query(ge=0, le=30, description="Hold up to this many seconds for a change.")] = 0,
@@ -174,6 +180,6 @@ class Limits(BaseModel):
 
 
 @router.get("/wallets/{wallet_id}/limits", response_model=Limits, responses=_ERRORS)
-async def wallet_limits(wallet_id: str, ctx: Ctx, agent: Agent) -> Limits:
+async def wallet_limits(wallet_id: WalletId, ctx: Ctx, agent: Agent) -> Limits:
     """What may I spend? Each cap and velocity limit, what remains now, and when it resets."""
     return Limits.model_validate({"limits": await service.spending_limits(ctx, agent, wallet_id)})

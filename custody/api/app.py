@@ -12,8 +12,10 @@ from pydantic import BaseModel
 
 from custody import __version__
 from custody.api import admin_routes, agent_routes, problems
-from custody.api.deps import Admin, AnyOperator, Ctx, problem_responses
+from custody.api.deps import Admin, AnyOperator, Ctx, WalletId, problem_responses
 from custody.errors import CustodyError
+from custody.observability import api as observability
+from custody.payments.recovery import Sweeper
 from custody.runtime import restore_recursion_limit
 from custody.schemas import WalletCreate, WalletList, WalletOut
 from custody.services import wallets as wallet_service
@@ -34,6 +36,10 @@ class Readiness(BaseModel):
     status: str
     database: str
     signer: str
+    redis: str
+
+
+_NOT_READY = _PROBLEMS | {503: {"model": Readiness, "description": "Not ready: the same fields, saying what is down."}}
 
 
 def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
@@ -44,15 +50,20 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         settings.require_safe("api")
         ctx = await Context.open(settings)
         app.state.ctx = ctx
+        ctx.metrics = app.state.metrics
         dispatcher = Dispatcher(
             ctx.engine, interval=settings.webhook_interval_seconds, backoff=settings.webhook_backoff_seconds
         )
         dispatcher.wake = ctx.outbox_wake
+        sweeper = Sweeper(ctx)
+        await ctx.shared.start()
         if background:
             dispatcher.start()
+            sweeper.start()
         try:
             yield
         finally:
+            await sweeper.stop()
             await dispatcher.stop()
             await ctx.close()
 
@@ -66,6 +77,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
     app.include_router(agent_routes.router)
     app.include_router(admin_routes.router)
     app.add_middleware(problems.BodyLimit)
+    observability.install(app, settings)  # /metrics, HTTP metrics, request ids (outermost)
     restore_recursion_limit()
 
     @app.get("/healthz", response_model=Health, tags=["health"])
@@ -73,21 +85,28 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         """Liveness: the process answers."""
         return Health(status="ok", version=__version__)
 
-    @app.get("/readyz", response_model=Readiness, tags=["health"], responses=_PROBLEMS)
+    @app.get("/readyz", response_model=Readiness, tags=["health"], responses=_NOT_READY)
     async def readyz(ctx: Ctx) -> JSONResponse:
-        """Readiness: the database answers and the signer is reachable and unsealed."""
+        """Readiness: the database answers and the signer is reachable and unsealed.
+
+        Redis is reported too (``ok``, ``unavailable`` or ``disabled``). Its outage makes the
+        service ``degraded``, still ready: spend control never depends on it, and taking
+        every replica out of a load balancer for it would turn a degradation into an outage.
+        """
         database = signer = "ok"
         try:
             await ctx.wallets.count_envelopes()
         except Exception:
             database = "unavailable"
         try:
-            status = await ctx.signer.status()
-            signer = "sealed" if status.get("sealed") else "ok"
+            signer_status = await ctx.signer.status()
+            signer = "sealed" if signer_status.get("sealed") else "ok"
         except CustodyError:
             signer = "unavailable"
+        redis = await ctx.shared.ping()
         ready = database == signer == "ok"
-        body = Readiness(status="ready" if ready else "not_ready", database=database, signer=signer)
+        overall = ("degraded" if redis == "unavailable" else "ready") if ready else "not_ready"
+        body = Readiness(status=overall, database=database, signer=signer, redis=redis)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.post("/admin/v1/wallets", response_model=WalletOut, status_code=201, tags=["wallets"], responses=_PROBLEMS)
@@ -100,7 +119,7 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         return WalletList(wallets=[WalletOut.of(w) for w in await ctx.wallets.list()])
 
     @app.get("/admin/v1/wallets/{wallet_id}", response_model=WalletOut, tags=["wallets"], responses=_PROBLEMS)
-    async def get_wallet(wallet_id: str, ctx: Ctx, _: AnyOperator) -> WalletOut:
+    async def get_wallet(wallet_id: WalletId, ctx: Ctx, _: AnyOperator) -> WalletOut:
         return WalletOut.of(await wallet_service.get_wallet(ctx, wallet_id))
 
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -15,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +46,8 @@ def problem_response(error: CustodyError, request: Request) -> JSONResponse:
     body = error.to_problem()
     body["instance"] = request.url.path
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status == 429:
+        headers = {"Retry-After": str(max(1, math.ceil(float(error.extra.get("retry_after", 1)))))}
     return JSONResponse(body, status_code=error.status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -81,12 +86,37 @@ def install(app: FastAPI) -> None:
     async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
         return problem_response(InvalidRequest("the JSON document is nested too deeply"), request)
 
+    async def _dependency(request: Request, exc: Exception) -> JSONResponse:
+        # Handled here rather than by the catch-all below, which Starlette re-raises to the server.
+        if is_database_outage(exc):
+            return problem_response(DatabaseUnavailable("the database is unavailable"), request)
+        log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(CustodyError("an internal error occurred"), request)
+
+    for kind in (DBAPIError, SATimeoutError, OSError):
+        app.add_exception_handler(kind, _dependency)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if is_database_outage(exc):
             return problem_response(DatabaseUnavailable("the database is unavailable"), request)
         log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
         return problem_response(CustodyError("an internal error occurred"), request)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The OpenAPI document without FastAPI's 422: invalid requests are 400 problems (above)."""
+        if app.openapi_schema is None:
+            document = generate()
+            for operations in document.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                document.get("components", {}).get("schemas", {}).pop(unused, None)
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class BodyLimit:

@@ -17,14 +17,17 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import IO, Any, Final
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import String, Table, insert, select, type_coerce, update
+from sqlalchemy import LargeBinary, Table, cast, func, insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from custody.audit.models import AuditEventRow, AuditHeadRow
-from custody.errors import CustodyError
+from custody.errors import AuditUnavailable, CustodyError
+from custody.storage.db import is_database_outage
 
 GENESIS_HASH: Final = "0" * 64
 """The ``prev_hash`` of the first record (and the head's hash while the log is empty)."""
@@ -40,6 +43,7 @@ _KIND = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 _ACTOR = re.compile(r"[a-z][a-z_]*(:[A-Za-z0-9_\-]+)?")
 _SUBJECT = re.compile(r"[A-Za-z0-9_.:\-]+")
 _HASH = re.compile(r"[0-9a-f]{64}")
+_TEXT_COLUMNS: Final = ("kind", "actor", "subject", "data", "prev_hash", "hash", "at")
 # Key words that name secret material, matched case-insensitively inside a key ("apiToken",
 # "wallet_private_key")...
 _SECRET_PARTS: Final = ("privatekey", "privkey", "secret", "token", "passphrase", "password", "kek", "mnemonic", "seed")
@@ -106,6 +110,13 @@ def event_hash(
         "prev_hash": prev_hash,
     }
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+def _stored_at(at: datetime) -> str:
+    """A UTC timestamp as the database holds it (SQLite's text) or renders it (PostgreSQL)."""
+    return (
+        f"{at.year:04d}-{at.month:02d}-{at.day:02d} {at.hour:02d}:{at.minute:02d}:{at.second:02d}.{at.microsecond:06d}"
+    )
 
 
 def _hashed_fields(event: AuditEvent) -> dict[str, Any]:
@@ -197,22 +208,44 @@ def _prepare(
 class _Raw:
     """A stored row, parsed as far as it can be; ``error`` says why it could not be."""
 
-    __slots__ = ("actor", "at", "data", "data_text", "error", "hash", "kind", "prev_hash", "seq", "subject")
+    __slots__ = (
+        "actor",
+        "at",
+        "at_text",
+        "data",
+        "data_text",
+        "error",
+        "hash",
+        "kind",
+        "prev_hash",
+        "seq",
+        "subject",
+    )
 
     def __init__(self, row: Any) -> None:
         self.seq: int = int(row.seq)
-        self.kind: str = row.kind
-        self.actor: str = row.actor
-        self.subject: str | None = row.subject
-        self.data_text: str = row.data
-        self.prev_hash: str = row.prev_hash
-        self.hash: str = row.hash
         self.error: str | None = None
+        texts: dict[str, str | None] = {}
+        for name in _TEXT_COLUMNS:
+            value = getattr(row, name)
+            try:
+                texts[name] = value.decode("utf-8") if isinstance(value, bytes) else value
+            except UnicodeDecodeError:
+                texts[name] = ""
+                self.error = self.error or f"its {name} is not valid UTF-8 text"
+        self.kind: str = texts["kind"] or ""
+        self.actor: str = texts["actor"] or ""
+        self.subject: str | None = texts["subject"]
+        self.data_text: str = texts["data"] or ""
+        self.prev_hash: str = texts["prev_hash"] or ""
+        self.hash: str = texts["hash"] or ""
+        self.at_text: str = texts["at"] or ""
         self.at = datetime.fromtimestamp(0, UTC)
         self.data: dict[str, Any] = {}
+        if self.error:
+            return
         try:
-            at = row.at if isinstance(row.at, datetime) else datetime.fromisoformat(str(row.at))
-            self.at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+            self.at = datetime.fromisoformat(self.at_text).replace(tzinfo=UTC)
         except ValueError:
             self.error = "its timestamp is not a valid date"
             return
@@ -258,6 +291,8 @@ class _Raw:
             )
         if self.data_text != canonical_json(self.data):
             return f"record {self.seq} was modified: its data is not in canonical form"
+        if self.at_text != _stored_at(self.at):
+            return f"record {self.seq} was modified: its timestamp is not in the stored form"
         recomputed = event_hash(
             seq=self.seq,
             at=self.at,
@@ -338,39 +373,41 @@ class AuditLog:
         seq = int(head.seq) + 1
         prev_hash = str(head.hash)
         digest = event_hash(seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash)
-        await conn.execute(
-            insert(audit_events).values(
-                seq=seq,
-                at=at,
-                kind=kind,
-                actor=actor,
-                subject=subject,
-                data=data_text,
-                prev_hash=prev_hash,
-                hash=digest,
+        try:
+            await conn.execute(
+                insert(audit_events).values(
+                    seq=seq,
+                    at=at,
+                    kind=kind,
+                    actor=actor,
+                    subject=subject,
+                    data=data_text,
+                    prev_hash=prev_hash,
+                    hash=digest,
+                )
             )
-        )
-        await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+            await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+        except DBAPIError as error:
+            if is_database_outage(error):
+                raise
+            # The caller's transaction rolls back with it: no action goes unrecorded.
+            raise AuditUnavailable(f"the audit record could not be written ({type(error.orig).__name__})") from None
         return AuditEvent(
             seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash, hash=digest
         )
 
     async def _page(self, conn: AsyncConnection, after_seq: int, limit: int) -> list[_Raw]:
-        at_column: Any = audit_events.c.at
+        # Every column is read as raw text and parsed here, so one malformed row is reported, not raised:
+        # SQLite hands back its stored bytes (which need not be UTF-8), PostgreSQL a fixed-format UTC
+        # timestamp (which may lie outside Python's date range).
+        columns: list[Any] = [audit_events.c[name] for name in _TEXT_COLUMNS]
         if conn.dialect.name == "sqlite":
-            # Read SQLite's stored text and parse it here, so one malformed row is reported, not raised.
-            at_column = type_coerce(audit_events.c.at, String).label("at")
+            columns = [cast(column, LargeBinary).label(column.name) for column in columns]
+        else:
+            at = func.to_char(func.timezone("UTC", audit_events.c.at), "YYYY-MM-DD HH24:MI:SS.US BC")
+            columns[-1] = func.replace(at, " AD", "").label("at")
         query = (
-            select(
-                audit_events.c.seq,
-                at_column,
-                audit_events.c.kind,
-                audit_events.c.actor,
-                audit_events.c.subject,
-                audit_events.c.data,
-                audit_events.c.prev_hash,
-                audit_events.c.hash,
-            )
+            select(audit_events.c.seq, *columns)
             .where(audit_events.c.seq > after_seq)
             .order_by(audit_events.c.seq)
             .limit(limit)
@@ -457,7 +494,7 @@ class AuditLog:
                     )
                 if head.seq < last:
                     return result(
-                        int(head.seq) + 1,
+                        max(int(head.seq) + 1, 1),
                         f"the head names record {head.seq} but the log runs to {last}: "
                         "records were added without the head, or the head was modified",
                     )
@@ -470,4 +507,10 @@ class AuditLog:
                 return result(None, None)
 
     async def _head_row(self, conn: AsyncConnection) -> Any:
-        return (await conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1))).first()
+        digest: Any = audit_head.c.hash
+        if conn.dialect.name == "sqlite":  # stored bytes, which need not be UTF-8 (see _page)
+            digest = cast(digest, LargeBinary).label("hash")
+        row = (await conn.execute(select(audit_head.c.seq, digest).where(audit_head.c.id == 1))).first()
+        if row is None or not isinstance(row.hash, bytes):
+            return row
+        return SimpleNamespace(seq=row.seq, hash=row.hash.decode("utf-8", "replace"))

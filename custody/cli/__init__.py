@@ -7,9 +7,8 @@ import ctypes
 import getpass
 import json
 import logging
-import os
 import signal
-import subprocess
+import subprocess  # nosec B404 # only to start this package's own signer process
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import typer
 
 from custody.cli.admin import register_admin_commands
 from custody.cli.audit import audit_app
+from custody.cli.mcp import register_mcp_command
 from custody.cli.operator import admin_request, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
 from custody.cli.policy import policy_app
@@ -43,6 +43,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(policy_app, name="policy")
 register_admin_commands(app, policy_app)
 app.add_typer(audit_app, name="audit")
+register_mcp_command(app)
 
 
 def _settings() -> Settings:
@@ -71,10 +72,11 @@ def _guard(settings: Settings, role: Role) -> None:
         )
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("CUSTODY_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+def _configure_logging(settings: Settings) -> logging.Handler:
+    """Log to stderr as JSON lines (production default) or text, with secrets masked either way."""
+    from custody.observability.logging import configure_logging
+
+    return configure_logging(settings.effective_log_format, settings.log_level)
 
 
 async def _bootstrap(settings: Settings) -> str | None:
@@ -87,6 +89,8 @@ async def _bootstrap(settings: Settings) -> str | None:
 
 def _print_admin_token(token: str) -> None:
     typer.echo("First admin credential (shown once; only its hash is stored):", err=True)
+    # Shown once on purpose, to the operator who ran the command; never logged.
+    # nosemgrep: no-secret-in-logs-or-errors
     typer.echo(f"  CUSTODY_ADMIN_TOKEN={token}", err=True)
 
 
@@ -128,14 +132,21 @@ def serve(
     settings = _settings()
     settings = settings.model_copy(update={"host": host or settings.host, "port": port or settings.port})
     _guard(settings, "both" if signer else "api")
-    _configure_logging()
+    _configure_logging(settings)
     with errors_to_exit():
         token = asyncio.run(_bootstrap(settings))
     if token:
         _print_admin_token(token)
     child = _start_signer(settings) if signer else None
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False, log_level="info")
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=False,  # custody.access logs requests instead (CUSTODY_ACCESS_LOG)
+            log_config=None,  # uvicorn's own lines go through the same formatter
+            log_level=settings.log_level.lower(),
+        )
     finally:
         if child is not None:
             child.terminate()
@@ -155,7 +166,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def _start_signer(settings: Settings) -> subprocess.Popen[bytes]:
-    child = subprocess.Popen([sys.executable, "-m", "custody", "signer", "run"], preexec_fn=_die_with_parent)
+    # A fixed argument list (this interpreter, this package), no shell.
+    child = subprocess.Popen(  # nosec B603
+        [sys.executable, "-m", "custody", "signer", "run"], preexec_fn=_die_with_parent
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -209,7 +223,7 @@ def signer_run() -> None:
 
     settings = _settings()
     _guard(settings, "signer")
-    _configure_logging()
+    _configure_logging(settings)
     try:
         asyncio.run(serve_signer(settings))
     except RuntimeError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -119,7 +120,13 @@ async def current_policy(conn: AsyncConnection, wallet_id: str) -> tuple[int, Po
     ).first()
     if row is None:
         return None
-    return int(row.version), load_policy(json.loads(row.document))
+    return int(row.version), _parsed(row.document)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parsed(document: str) -> Policy:
+    """Parsing is the costly part of reading a policy; a changed policy is a new text, so never stale."""
+    return load_policy(json.loads(document))
 
 
 async def set_grant(ctx: Context, agent_id: str, wallet_id: str, document: dict[str, Any], operator_id: str) -> int:

@@ -63,7 +63,11 @@ class PaymentRow(SQLModel, table=True):
     """One signing request and what became of it."""
 
     __tablename__ = "payments"
-    __table_args__ = (Index("ix_payments_wallet_payee", "wallet_id", "payee"), Index("ix_payments_status", "status"))
+    __table_args__ = (
+        Index("ix_payments_wallet_payee", "wallet_id", "payee"),
+        Index("ix_payments_status", "status"),
+        Index("ix_payments_status_updated_at", "status", "updated_at"),
+    )
 
     id: str = Field(primary_key=True, max_length=40)
     wallet_id: str = Field(foreign_key="wallets.id", max_length=40)
@@ -111,6 +115,10 @@ class IdempotencyRow(SQLModel, table=True):
     status_code: int | None = None
     response: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(sa_column=_ts())
+    # Which request holds the claim (a random token), and the payment it decided, if any:
+    # after a crash, a retry resolves the claim from the payment instead of waiting forever.
+    owner: str | None = Field(default=None, max_length=32)
+    payment_id: str | None = Field(default=None, max_length=40)
 
 
 class ApprovalVoteRow(SQLModel, table=True):

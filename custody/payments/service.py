@@ -22,9 +22,11 @@ budgets, reserved and signed in the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,6 +36,7 @@ from sqlalchemy import Table, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from custody import failpoints
 from custody.chain import DecodeError, decode_message, decode_transaction, decode_typed_data
 from custody.errors import (
     Conflict,
@@ -239,16 +242,43 @@ def _body_hash(wallet_id: str, method: str, body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-async def _claim(ctx: Context, agent_id: str, key: str, body_hash: str) -> Response | None:
-    """Claim ``key`` for this request, or return the response already given for it."""
+@dataclass(frozen=True)
+class Claim:
+    """This request's hold on an Idempotency-Key; ``owner`` fences out a superseded attempt."""
+
+    agent_id: str
+    key: str
+    owner: str
+
+    def where(self) -> Any:
+        return (
+            (idempotency_keys.c.agent_id == self.agent_id)
+            & (idempotency_keys.c.key == self.key)
+            & (idempotency_keys.c.owner == self.owner)
+        )
+
+
+def _lease(ctx: Context) -> timedelta:
+    return timedelta(seconds=ctx.settings.reservation_lease_seconds)
+
+
+async def _claim(ctx: Context, agent_id: str, key: str, body_hash: str) -> Claim | Response:
+    """Claim ``key`` for this request, or return the response already given for it.
+
+    A claim that was never answered and is older than the reservation lease belongs to a
+    request whose process died: it is resolved from its payment (see :func:`_recover_claim`).
+    """
+    owner = secrets.token_hex(16)
     deadline = asyncio.get_running_loop().time() + IDEMPOTENCY_WAIT
     while True:
         try:
             async with ctx.engine.begin() as conn:
                 await conn.execute(
-                    insert(idempotency_keys).values(agent_id=agent_id, key=key, body_hash=body_hash, created_at=_now())
+                    insert(idempotency_keys).values(
+                        agent_id=agent_id, key=key, body_hash=body_hash, created_at=_now(), owner=owner
+                    )
                 )
-            return None
+            return Claim(agent_id, key, owner)
         except IntegrityError:
             pass
         async with ctx.engine.connect() as conn:
@@ -265,14 +295,77 @@ async def _claim(ctx: Context, agent_id: str, key: str, body_hash: str) -> Respo
             raise IdempotencyConflict("this Idempotency-Key was used for a different request")
         if row.status_code is not None:
             return Response(int(row.status_code), json.loads(row.response))
-        if asyncio.get_running_loop().time() > deadline:
+        created = as_utc(row.created_at) or _now()
+        if _now() - created > _lease(ctx):
+            replay = await _recover_claim(ctx, row.agent_id, row.key, row.owner)
+            if replay is not None:
+                return replay
+            continue
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
             raise Conflict("a request with this Idempotency-Key is still being processed")
-        await asyncio.sleep(0.01)
+        async with ctx.shared.waiter(f"idem:{agent_id}:{key}") as answered:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(answered.wait(), min(left, 0.05))
 
 
-async def _settle(ctx: Context, agent_id: str, key: str, response: Response | None) -> None:
+async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | None) -> Response | None:
+    """Resolve an abandoned claim: replay a signature that was recorded, else release and forget it.
+
+    Returns the response to replay, or None when the key is free to be claimed again.
+    """
+    async with write_transaction(ctx.engine) as conn:
+        query = select(idempotency_keys).where(idempotency_keys.c.agent_id == agent_id, idempotency_keys.c.key == key)
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is None or row.owner != owner:
+            return None  # resolved by someone else meanwhile: look again
+        if row.status_code is not None:
+            return Response(int(row.status_code), json.loads(row.response))
+        if row.payment_id is not None:
+            payment = (await conn.execute(select(payments).where(payments.c.id == row.payment_id))).first()
+            if payment is not None and payment.status == "signed":
+                response = Response(
+                    200, {"status": "signed", "payment_id": payment.id, "result": json.loads(payment.result)}
+                )
+                await conn.execute(
+                    update(idempotency_keys)
+                    .where(idempotency_keys.c.agent_id == agent_id, idempotency_keys.c.key == key)
+                    .values(status_code=response.status_code, response=json.dumps(response.body))
+                )
+                return response
+            if payment is not None and payment.status == "reserved":
+                await _interrupt(ctx, conn, payment.id, "payment.interrupted")
+        await conn.execute(
+            delete(idempotency_keys).where(
+                idempotency_keys.c.agent_id == agent_id,
+                idempotency_keys.c.key == key,
+                idempotency_keys.c.status_code.is_(None),
+            )
+        )
+    return None
+
+
+async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, response: Response | None = None) -> None:
+    """In the decision's transaction: tie the claim to its payment (and its final answer).
+
+    If a retry took the claim over meanwhile, this attempt must not decide anything.
+    """
+    if claim is None:
+        return
+    values: dict[str, Any] = {"payment_id": payment_id}
+    if response is not None:
+        values |= {"status_code": response.status_code, "response": json.dumps(response.body)}
+    result = await conn.execute(update(idempotency_keys).where(claim.where()).values(**values))
+    if result.rowcount != 1:
+        raise Conflict("a retry with this Idempotency-Key took over this request")
+
+
+async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None:
+    """Store the answer for replays (None: forget the claim, so a retry runs afresh)."""
     async with ctx.engine.begin() as conn:
-        where = (idempotency_keys.c.agent_id == agent_id) & (idempotency_keys.c.key == key)
+        where = claim.where() & idempotency_keys.c.status_code.is_(None)
         if response is None:
             await conn.execute(delete(idempotency_keys).where(where))
         else:
@@ -281,6 +374,59 @@ async def _settle(ctx: Context, agent_id: str, key: str, response: Response | No
                 .where(where)
                 .values(status_code=response.status_code, response=json.dumps(response.body))
             )
+
+
+async def _interrupt(
+    ctx: Context, conn: AsyncConnection, payment_id: str, kind: str, *, actor: str = "custody", code: str | None = None
+) -> bool:
+    """Release a reservation that will never be signed (in the caller's transaction).
+
+    Conditional on the payment still being ``reserved``, so it happens at most once, and
+    never to a payment whose signature was recorded.
+    """
+    result = await conn.execute(
+        update(payments)
+        .where(payments.c.id == payment_id, payments.c.status == "reserved")
+        .values(status="failed", updated_at=_now())
+    )
+    if result.rowcount != 1:
+        return False
+    await release(conn, payment_id)
+    await ctx.audit.append_in(conn, kind, actor=actor, subject=payment_id, data={"code": code or "interrupted"})
+    return True
+
+
+async def recover_interrupted(ctx: Context) -> int:
+    """Release every reservation older than the lease that was never signed; forget dead claims.
+
+    A reservation is made, then signed within seconds; one still unsigned after the lease
+    belongs to a request whose process died (its signature, if any, died with it, unseen).
+    Returns how many reservations were released.
+    """
+    cutoff = _now() - _lease(ctx)
+    async with ctx.engine.connect() as conn:
+        stale = (
+            await conn.execute(
+                select(payments.c.id)
+                .where(payments.c.status == "reserved", payments.c.updated_at < cutoff)
+                .limit(500)
+            )
+        ).all()
+    released = 0
+    for (payment_id,) in stale:
+        async with write_transaction(ctx.engine) as conn:
+            released += await _interrupt(ctx, conn, payment_id, "payment.interrupted")
+        await ctx.shared.wake(f"payment:{payment_id}")
+    async with write_transaction(ctx.engine) as conn:
+        failed = select(payments.c.id).where(payments.c.status == "failed")
+        await conn.execute(
+            delete(idempotency_keys).where(
+                idempotency_keys.c.status_code.is_(None),
+                idempotency_keys.c.created_at < cutoff,
+                or_(idempotency_keys.c.payment_id.is_(None), idempotency_keys.c.payment_id.in_(failed)),
+            )
+        )
+    return released
 
 
 # The request ----------------------------------------------------------------------------
@@ -299,22 +445,30 @@ async def submit(
         return await _submit(ctx, principal, wallet_id, method, body)
     if not 0 < len(idempotency_key) <= 200:
         raise InvalidRequest("Idempotency-Key must be 1-200 characters")
-    agent_id = principal.agent.id
-    replay = await _claim(ctx, agent_id, idempotency_key, _body_hash(wallet_id, method, body))
-    if replay is not None:
-        return replay
+    claim = await _claim(ctx, principal.agent.id, idempotency_key, _body_hash(wallet_id, method, body))
+    if isinstance(claim, Response):
+        return claim
     try:
-        response = await _submit(ctx, principal, wallet_id, method, body)
+        return await _submit_claimed(ctx, principal, wallet_id, method, body, claim)
+    finally:
+        await ctx.shared.wake(f"idem:{claim.agent_id}:{claim.key}")  # replays waiting on this key
+
+
+async def _submit_claimed(
+    ctx: Context, principal: AgentPrincipal, wallet_id: str, method: Method, body: dict[str, Any], claim: Claim
+) -> Response:
+    try:
+        response = await _submit(ctx, principal, wallet_id, method, body, claim)
     except (DependencyUnavailable, Frozen):
-        await _settle(ctx, agent_id, idempotency_key, None)  # transient: a retry may succeed
+        await _settle(ctx, claim, None)  # transient: a retry may succeed
         raise
     except CustodyError as error:
-        await _settle(ctx, agent_id, idempotency_key, Response(error.status, error.to_problem()))
+        # Denials were stored with the decision; this stores refusals made before one.
+        await _settle(ctx, claim, Response(error.status, error.to_problem()))
         raise
     except BaseException:
-        await _settle(ctx, agent_id, idempotency_key, None)
+        await _settle(ctx, claim, None)
         raise
-    await _settle(ctx, agent_id, idempotency_key, response)
     return response
 
 
@@ -326,7 +480,12 @@ async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
 
 
 async def _submit(
-    ctx: Context, principal: AgentPrincipal, wallet_id: str, method: Method, body: dict[str, Any]
+    ctx: Context,
+    principal: AgentPrincipal,
+    wallet_id: str,
+    method: Method,
+    body: dict[str, Any],
+    claim: Claim | None = None,
 ) -> Response:
     agent_id = principal.agent.id
     try:
@@ -341,9 +500,13 @@ async def _submit(
             actor=f"agent:{agent_id}",
             data={"wallet_id": wallet_id[:100], "method": method, "code": error.code},
         )
+        ctx.metrics.refused(error.code)
         raise
     payment_id = "pay_" + secrets.token_hex(10)
     now = _now()
+    started = time.perf_counter()
+    denied: PolicyDenied | None = None
+    pending: Response | None = None
     async with ctx.engine.connect() as conn:
         conn = await conn.execution_options(sqlite_immediate=True)
         async with conn.begin():
@@ -362,17 +525,31 @@ async def _submit(
                 decision = await _decide_and_record(
                     ctx, conn, payment_id, wallet_id, principal, method, body, intent, now
                 )
+                # A denial or a pending approval is final: its answer is stored with the decision.
+                denied = _denial(payment_id, decision) if decision.outcome == "deny" else None
+                pending = (
+                    Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
+                    if decision.outcome == "needs_approval"
+                    else None
+                )
+                final = Response(denied.status, denied.to_problem()) if denied is not None else pending
+                await _bind(conn, claim, payment_id, final)
     if frozen:
+        ctx.metrics.refused("frozen", started)
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
-    if decision.outcome == "deny":
-        raise PolicyDenied(
-            _summary(decision), payment_id=payment_id, reasons=[reason_json(r) for r in decision.reasons]
-        )
-    if decision.outcome == "needs_approval":
+    ctx.metrics.decided(decision, started)
+    if denied is not None:
+        raise denied
+    if pending is not None:
         ctx.outbox_wake.set()
-        return Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
-    result = await _sign(ctx, payment_id, wallet_id, method, body)
+        return pending
+    failpoints.hit("payment.after_reserve")
+    result = await _sign(ctx, payment_id, wallet_id, method, body, claim)
     return Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
+
+
+def _denial(payment_id: str, decision: Decision) -> PolicyDenied:
+    return PolicyDenied(_summary(decision), payment_id=payment_id, reasons=[reason_json(r) for r in decision.reasons])
 
 
 async def _decide_and_record(
@@ -503,8 +680,20 @@ async def _reserve(
     await record(conn, rows)
 
 
-async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body: Mapping[str, Any]) -> dict[str, Any]:
-    """Sign a reserved payment; on failure release the reservation and re-raise."""
+async def _sign(
+    ctx: Context,
+    payment_id: str,
+    wallet_id: str,
+    method: str,
+    body: Mapping[str, Any],
+    claim: Claim | None = None,
+) -> dict[str, Any]:
+    """Sign a reserved payment; on failure release the reservation and re-raise.
+
+    The signature is recorded only if the payment is still reserved: a reservation the
+    recovery sweep released (this request looked dead) is never signed after the fact.
+    """
+    started = time.perf_counter()
     try:
         envelope = await ctx.wallets.envelope(wallet_id)
         if envelope is None:
@@ -518,20 +707,23 @@ async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body
     except BaseException as error:
         # Whatever stopped the signature, the reservation must not outlive it.
         code = error.code if isinstance(error, CustodyError) else type(error).__name__
+        ctx.metrics.signed(method, started, error=code)
         async with write_transaction(ctx.engine) as conn:
-            await release(conn, payment_id)
-            await conn.execute(
-                update(payments).where(payments.c.id == payment_id).values(status="failed", updated_at=_now())
-            )
-            await ctx.audit.append_in(
-                conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": code}
-            )
+            await _interrupt(ctx, conn, payment_id, "payment.sign_failed", actor="signer", code=code)
+        await ctx.shared.wake(f"payment:{payment_id}")
         raise
+    ctx.metrics.signed(method, started)
+    failpoints.hit("payment.after_sign")
     async with write_transaction(ctx.engine) as conn:
-        await conn.execute(
+        recorded = await conn.execute(
             update(payments)
-            .where(payments.c.id == payment_id)
+            .where(payments.c.id == payment_id, payments.c.status == "reserved")
             .values(status="signed", result=json.dumps(result), updated_at=_now())
+        )
+        if recorded.rowcount != 1:
+            raise DependencyUnavailable("this payment was interrupted and released; nothing was signed for it")
+        await _bind(
+            conn, claim, payment_id, Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
         )
         # The transaction hash or the message hash: what was signed, never key material.
         digest = result.get("hash") or result.get("message_hash")
@@ -539,7 +731,9 @@ async def _sign(ctx: Context, payment_id: str, wallet_id: str, method: str, body
         await outbox.enqueue(
             conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, _now()
         )
+    failpoints.hit("payment.after_record")
     ctx.outbox_wake.set()
+    await ctx.shared.wake(f"payment:{payment_id}")
     return result
 
 
@@ -564,16 +758,21 @@ def payment_body(row: Any, now: datetime) -> dict[str, Any]:
 
 
 async def payment_status(ctx: Context, principal: AgentPrincipal, payment_id: str, wait: float = 0) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + max(0.0, min(wait, 30.0))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(0.0, min(wait, 30.0))
     while True:
-        async with ctx.engine.connect() as conn:
-            row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
-        if row is None or row.agent_id != principal.agent.id:
-            raise NotFound("no such payment")
-        body = payment_body(row, _now())
-        if body["status"] not in ("pending_approval", "reserved") or asyncio.get_running_loop().time() >= deadline:
-            return body
-        await asyncio.sleep(0.2)
+        # Listen before looking, so a change committed in between still wakes us.
+        async with ctx.shared.waiter(f"payment:{payment_id}") as changed:
+            async with ctx.engine.connect() as conn:
+                row = (await conn.execute(select(payments).where(payments.c.id == payment_id))).first()
+            if row is None or row.agent_id != principal.agent.id:
+                raise NotFound("no such payment")
+            body = payment_body(row, _now())
+            left = deadline - loop.time()
+            if body["status"] not in ("pending_approval", "reserved") or left <= 0:
+                return body
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(left, ctx.shared.poll_interval))
 
 
 async def spending_limits(ctx: Context, principal: AgentPrincipal, wallet_id: str) -> list[dict[str, Any]]:
@@ -632,6 +831,16 @@ async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
 
 
 async def vote(
+    ctx: Context, operator: Operator, payment_id: str, choice: Literal["approve", "reject"], comment: str | None
+) -> dict[str, Any]:
+    """Record an approver's vote (see :func:`_vote`), then wake whoever waits on the payment."""
+    try:
+        return await _vote(ctx, operator, payment_id, choice, comment)
+    finally:
+        await ctx.shared.wake(f"payment:{payment_id}")
+
+
+async def _vote(
     ctx: Context, operator: Operator, payment_id: str, choice: Literal["approve", "reject"], comment: str | None
 ) -> dict[str, Any]:
     """Record an approver's vote; on the last approval needed, re-evaluate, reserve and sign.
@@ -699,6 +908,7 @@ async def vote(
                 now,
             )
             ctx.outbox_wake.set()
+            ctx.metrics.rejected()
             return {"payment_id": payment_id, "status": "rejected"}
         approvers = {
             v.operator_id
@@ -737,6 +947,7 @@ async def vote(
                 "after_approval": True,
             },
         )
+        ctx.metrics.decided_after_approval(fresh)
         if fresh.outcome == "deny":
             await _finish(conn, payment_id, "denied", fresh, now)
             return {"payment_id": payment_id, "status": "denied", "reasons": [reason_json(r) for r in fresh.reasons]}

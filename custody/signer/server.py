@@ -22,6 +22,7 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
+from custody import failpoints
 from custody.errors import CustodyError, InvalidRequest, SignerSealed
 from custody.keys import envelope as env
 from custody.keys.kek import (
@@ -203,7 +204,9 @@ class SignerCore:
 
     def sign_transaction(self, request: dict[str, Any]) -> dict[str, Any]:
         account = self._account(request)
-        return evm.sign_transaction(account, request.get("transaction") or {})
+        signed = evm.sign_transaction(account, request.get("transaction") or {})
+        failpoints.hit("signer.after_sign")
+        return signed
 
     def sign_typed_data(self, request: dict[str, Any]) -> dict[str, Any]:
         account = self._account(request)

@@ -25,7 +25,7 @@ async def test_readyz_is_ready_with_database_and_unsealed_signer(api: API) -> No
     client, _ = api
     response = await client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "database": "ok", "signer": "ok"}
+    assert response.json() == {"status": "ready", "database": "ok", "signer": "ok", "redis": "disabled"}
 
 
 async def test_readyz_is_503_when_the_signer_is_down(api: API, signer: SignerThread) -> None:

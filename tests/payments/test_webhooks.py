@@ -103,8 +103,15 @@ async def test_a_failing_endpoint_is_retried_until_it_answers(api: API) -> None:
         assert (await _pay(client, headers, payer["id"], 1)).status_code == 200
         await _until(lambda: len(receiver.received) == 1)
     assert receiver.calls == 3
-    delivered = (await client.get("/admin/v1/webhooks/deliveries", params={"status": "delivered"})).json()
-    assert [d["attempts"] for d in delivered["deliveries"]] == [3]
+    # The dispatcher records the delivery once the receiver's answer is back: give it that moment.
+    async def delivered() -> list[dict[str, Any]]:
+        response = await client.get("/admin/v1/webhooks/deliveries", params={"status": "delivered"})
+        return list(response.json()["deliveries"])
+
+    async with asyncio.timeout(20):
+        while not await delivered():  # noqa: ASYNC110 - polls the API, which has no event to wait on
+            await asyncio.sleep(0.05)
+    assert [d["attempts"] for d in await delivered()] == [3]
 
 
 async def test_deliveries_give_up_after_a_bounded_number_of_attempts(api: API) -> None:
