@@ -260,22 +260,26 @@ async def test_a_failing_audit_write_refuses_the_payment_and_records_nothing(
 # Redis ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["stopped", "paused"])
+@pytest.mark.parametrize("fault", ["stopped", "paused", "slowed"])
 async def test_without_redis_payments_go_on_and_caps_still_hold(
     private_redis: PrivateRedis, short_dir: Path, fault: str
 ) -> None:
     import os
     import signal
 
-    settings = _settings(short_dir, None, redis_url=private_redis.url, agent_rate_limit_per_minute=1000)
+    proxy = FaultProxy(private_redis.port).start()
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    settings = _settings(short_dir, None, redis_url=url, agent_rate_limit_per_minute=1000)
     signer = SignerThread(settings).start()
     try:
         async for service in _service(settings, slots=3):
             if fault == "stopped":
                 private_redis.stop()
-            else:
+            elif fault == "paused":
                 assert private_redis.process is not None
                 os.kill(private_redis.process.pid, signal.SIGSTOP)
+            else:
+                proxy.delay = 1.0  # four times the Redis timeout
             started = time.monotonic()
             assert (await service.pay()).status_code == 200
             assert (await service.pay()).status_code == 200
@@ -286,6 +290,7 @@ async def test_without_redis_payments_go_on_and_caps_still_hold(
             await service.books()
     finally:
         signer.stop()
+        proxy.stop()
         gc.collect()  # surface unclosed-resource warnings in the test that caused them
 
 

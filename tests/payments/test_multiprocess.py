@@ -1,4 +1,4 @@
-"""Zero overspend across API processes: two `custody serve` processes, one database, one cap."""
+"""Zero overspend across API processes: two `custody serve` processes, one database, one Redis, one cap."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import httpx
 from web3 import Web3
 
 from custody.settings import Settings
+from tests.conftest import REDIS_URL
 from tests.payments.helpers import GAS, agent_key, native_policy, set_policy, transfer, wallet
 from tests.test_isolation import _free_port, _wait_for
 
@@ -20,10 +21,12 @@ BOB = Web3.to_checksum_address("0x" + "b0" * 20)
 EACH = 10**16
 
 
-def _serve(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
+def _serve(settings: Settings, port: int, log: Path, redis_prefix: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")} | {
         "CUSTODY_DATA_DIR": str(settings.data_dir),
         "CUSTODY_SIGNER_SOCKET": str(settings.socket_path),
+        "CUSTODY_REDIS_URL": REDIS_URL,
+        "CUSTODY_REDIS_PREFIX": redis_prefix,
     }
     if settings.database_url:
         env["CUSTODY_DATABASE_URL"] = settings.database_url
@@ -37,7 +40,7 @@ def _serve(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 async def test_two_api_processes_never_approve_more_than_the_cap(
-    api: tuple[httpx.AsyncClient, str], settings: Settings, short_dir: Path
+    api: tuple[httpx.AsyncClient, str], settings: Settings, short_dir: Path, redis_prefix: str
 ) -> None:
     admin, _ = api
     payer = await wallet(admin)
@@ -45,7 +48,7 @@ async def test_two_api_processes_never_approve_more_than_the_cap(
     await set_policy(admin, payer["id"], native_policy(CHAIN, [BOB], slots * (EACH + GAS)))
     _, key = await agent_key(admin, [payer["id"]])
     ports = [_free_port(), _free_port()]
-    servers = [_serve(settings, port, short_dir / f"api{n}.log") for n, port in enumerate(ports)]
+    servers = [_serve(settings, port, short_dir / f"api{n}.log", redis_prefix) for n, port in enumerate(ports)]
     try:
         for port in ports:
             _wait_for(lambda port=port: _ready(port), f"the API on port {port}")  # type: ignore[misc]
