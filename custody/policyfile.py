@@ -72,7 +72,7 @@ def read_document(path: Path) -> Any:
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text, object_pairs_hook=_no_duplicates)
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  # nosec B506 # a SafeLoader subclass
     except (ValueError, yaml.YAMLError) as error:
         raise PolicyFileError(path, [("(syntax)", str(error))], "malformed_document") from None
 

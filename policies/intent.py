@@ -20,7 +20,7 @@ class IntentKind(StrEnum):
     """What signing would do."""
 
     NATIVE_TRANSFER = "native_transfer"
-    TOKEN_TRANSFER = "token_transfer"  # noqa: S105 - an intent kind, not a password
+    TOKEN_TRANSFER = "token_transfer"  # noqa: S105  # nosec B105 # an intent kind, not a password
     ALLOWANCE = "allowance"
     PAYMENT_AUTHORIZATION = "payment_authorization"
     CONTRACT_CALL = "contract_call"

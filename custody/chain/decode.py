@@ -324,6 +324,8 @@ def _interpret(
         expiry = _int(message["expiry"], "message.expiry", "malformed_typed_data")
         fields = _allowance(AllowanceType.EIP2612_PERMIT, token, message["spender"], 2**256 - 1 if allowed else 0)
         return {**fields, "valid_before": _timestamp(expiry) if expiry else None}, message["holder"]
+    # `token` is the ERC-20 contract's address, which is public: a plain comparison is right.
+    # nosemgrep: compare-secrets-in-constant-time
     if primary in _PERMIT2_TYPES and (domain.name == "Permit2" or token == PERMIT2_ADDRESS):
         return _permit2_fields(primary, message), None
     if _looks_like_spending(primary):

@@ -18,7 +18,7 @@ from custody.storage.interfaces import Operator
 
 Role = Literal["admin", "approver", "viewer"]
 ROLES: tuple[Role, ...] = ("admin", "approver", "viewer")
-TOKEN_PREFIX = "cop"  # noqa: S105 - a public prefix, not a secret
+TOKEN_PREFIX = "cop"  # noqa: S105  # nosec B105 # a public prefix, not a secret
 _DUMMY_HASH = hashlib.sha256(b"no such operator").hexdigest()
 
 
