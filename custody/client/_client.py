@@ -27,6 +27,7 @@ from custody.client._exceptions import (
     ApprovalTimeout,
     CustodyConnectionError,
     CustodyError,
+    DependencyUnavailable,
     InvalidResponse,
     InvalidTransaction,
     PolicyDenied,
@@ -400,6 +401,11 @@ class _BaseClient:
             raise ApprovalExpired(f"payment {pid} expired before anyone approved it", payment_id=pid)
         if payment.status == "denied":
             raise PolicyDenied(f"payment {pid} was denied by policy", reasons=list(payment.reasons), payment_id=pid)
+        if payment.status == "failed":
+            raise DependencyUnavailable(
+                f"payment {pid} could not be signed and its reservation was released; nothing was signed",
+                payment_id=pid,
+            )
         return None
 
 

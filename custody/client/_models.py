@@ -11,7 +11,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-PaymentStatus = Literal["pending_approval", "signed", "rejected", "expired", "denied"]
+# "reserved": approved and being signed; "failed": signing failed or was interrupted, nothing signed.
+PaymentStatus = Literal["pending_approval", "reserved", "signed", "rejected", "expired", "denied", "failed"]
 FINAL_STATUSES: frozenset[str] = frozenset({"signed", "rejected", "expired", "denied"})
 
 

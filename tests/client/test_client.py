@@ -501,3 +501,17 @@ def test_a_frozen_answer_is_replayed_for_the_same_idempotency_key(wallet: FakeWa
     with pytest.raises(Frozen):
         client.sign_message(wallet.id, "hi", idempotency_key="k")
     assert client.sign_message(wallet.id, "hi").signed
+
+
+def test_waiting_on_a_payment_whose_signing_failed_raises_and_says_nothing_was_signed() -> None:
+    from custody.client import CustodyClient, DependencyUnavailable
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"payment_id": "pay_1", "wallet_id": "wal_1", "status": "failed"})
+
+    transport = httpx.MockTransport(handler)
+    with (
+        CustodyClient("http://custody.test", "cak.k.s", transport=transport) as client,
+        pytest.raises(DependencyUnavailable, match="nothing was signed"),
+    ):
+        client.wait_for_approval("pay_1", timeout=1)
