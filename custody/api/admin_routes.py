@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from custody.api.deps import Admin, AnyOperator, Approver, Ctx, problem_responses
+from custody.api.deps import (
+    ID_PATTERN,
+    TEXT_PATTERN,
+    Admin,
+    AgentId,
+    AnyOperator,
+    Approver,
+    Ctx,
+    KeyId,
+    OperatorId,
+    PaymentId,
+    WalletId,
+    WebhookId,
+    problem_responses,
+)
 from custody.audit.log import AuditEvent, VerifyResult
 from custody.errors import NotFound
 from custody.payments import agents as agent_service
 from custody.payments import documents
 from custody.payments import service as payment_service
+from custody.schemas import RequestBody
 from custody.services import operators as operator_service
 from custody.webhooks import outbox
 
@@ -21,7 +36,7 @@ router = APIRouter(prefix="/admin/v1")
 _ERRORS = problem_responses(400, 401, 403, 404, 409, 413, 423, 503)
 
 
-class AgentCreate(BaseModel):
+class AgentCreate(RequestBody):
     name: str = Field(min_length=1, max_length=100)
 
 
@@ -35,9 +50,21 @@ class AgentList(BaseModel):
     agents: list[AgentOut]
 
 
-class KeyCreate(BaseModel):
-    wallet_ids: list[str] = Field(min_length=1, description="The wallets this key may use.")
+class KeyCreate(RequestBody):
+    wallet_ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(
+        min_length=1, description="The wallets this key may use."
+    )
     expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            try:
+                value.astimezone(UTC)  # e.g. 9999-12-31T23:59-14:00 is after year 9999 in UTC
+            except OverflowError:
+                raise ValueError("expires_at is out of range") from None
+        return value
 
 
 class KeyOut(BaseModel):
@@ -58,7 +85,7 @@ class KeyList(BaseModel):
     keys: list[KeyOut]
 
 
-class PolicyIn(BaseModel):
+class PolicyIn(RequestBody):
     document: dict[str, Any] = Field(description="A policy document (see docs/policies.md).")
 
 
@@ -80,8 +107,8 @@ class GrantOut(BaseModel):
     version: int
 
 
-class Vote(BaseModel):
-    comment: str | None = Field(default=None, max_length=2000)
+class Vote(RequestBody):
+    comment: str | None = Field(default=None, max_length=2000, pattern=TEXT_PATTERN)
 
 
 class VoteResult(BaseModel):
@@ -96,12 +123,12 @@ class Approvals(BaseModel):
     pending: list[dict[str, Any]]
 
 
-class FreezeIn(BaseModel):
+class FreezeIn(RequestBody):
     scope: Literal["all", "wallet", "agent"]
     target: str | None = Field(
         default=None, max_length=40, pattern=r"^[A-Za-z0-9_]+$", description="The wallet or agent id (not for 'all')."
     )
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: str | None = Field(default=None, max_length=2000, pattern=TEXT_PATTERN)
 
 
 class Freezes(BaseModel):
@@ -146,7 +173,7 @@ async def list_agents(ctx: Ctx, _: AnyOperator) -> AgentList:
 
 
 @router.post("/agents/{agent_id}/keys", response_model=IssuedKey, status_code=201, tags=["agents"], responses=_ERRORS)
-async def issue_key(agent_id: str, body: KeyCreate, ctx: Ctx, operator: Admin) -> IssuedKey:
+async def issue_key(agent_id: AgentId, body: KeyCreate, ctx: Ctx, operator: Admin) -> IssuedKey:
     """Issue an API key for an agent, scoped to wallets; the key is in this response only."""
     key, secret = await agent_service.issue_key(
         ctx, agent_id, body.wallet_ids, body.expires_at, f"operator:{operator.id}"
@@ -155,26 +182,26 @@ async def issue_key(agent_id: str, body: KeyCreate, ctx: Ctx, operator: Admin) -
 
 
 @router.get("/agents/{agent_id}/keys", response_model=KeyList, tags=["agents"], responses=_ERRORS)
-async def list_keys(agent_id: str, ctx: Ctx, _: AnyOperator) -> KeyList:
+async def list_keys(agent_id: AgentId, ctx: Ctx, _: AnyOperator) -> KeyList:
     await agent_service.get_agent(ctx, agent_id)
     return KeyList(keys=[_key(k) for k in await agent_service.list_keys(ctx, agent_id)])
 
 
 @router.delete("/agents/{agent_id}/keys/{key_id}", status_code=204, tags=["agents"], responses=_ERRORS)
-async def revoke_key(agent_id: str, key_id: str, ctx: Ctx, operator: Admin) -> Response:
+async def revoke_key(agent_id: AgentId, key_id: KeyId, ctx: Ctx, operator: Admin) -> Response:
     """Revoke a key; it stops working immediately."""
     await agent_service.revoke_key(ctx, agent_id, key_id, f"operator:{operator.id}")
     return Response(status_code=204)
 
 
 @router.put("/wallets/{wallet_id}/policy", response_model=PolicyOut, tags=["policies"], responses=_ERRORS)
-async def set_policy(wallet_id: str, body: PolicyIn, ctx: Ctx, operator: Admin) -> PolicyOut:
+async def set_policy(wallet_id: WalletId, body: PolicyIn, ctx: Ctx, operator: Admin) -> PolicyOut:
     """Set a new policy version for a wallet (versions are kept)."""
     return _policy(await documents.set_policy(ctx, wallet_id, body.document, operator.id))
 
 
 @router.get("/wallets/{wallet_id}/policy", response_model=PolicyOut, tags=["policies"], responses=_ERRORS)
-async def get_policy(wallet_id: str, ctx: Ctx, _: AnyOperator) -> PolicyOut:
+async def get_policy(wallet_id: WalletId, ctx: Ctx, _: AnyOperator) -> PolicyOut:
     history = await documents.policy_history(ctx, wallet_id)
     if not history:
         raise NotFound("this wallet has no policy")
@@ -182,13 +209,16 @@ async def get_policy(wallet_id: str, ctx: Ctx, _: AnyOperator) -> PolicyOut:
 
 
 @router.get("/wallets/{wallet_id}/policy/versions", response_model=PolicyHistory, tags=["policies"], responses=_ERRORS)
-async def policy_versions(wallet_id: str, ctx: Ctx, _: AnyOperator) -> PolicyHistory:
-    return PolicyHistory(versions=[_policy(v) for v in await documents.policy_history(ctx, wallet_id)])
+async def policy_versions(wallet_id: WalletId, ctx: Ctx, _: AnyOperator) -> PolicyHistory:
+    history = await documents.policy_history(ctx, wallet_id)
+    if not history and await ctx.wallets.get(wallet_id) is None:
+        raise NotFound("no such wallet")  # as for the wallet itself, not an empty history
+    return PolicyHistory(versions=[_policy(v) for v in history])
 
 
 @router.get("/wallets/{wallet_id}/policy/diff", tags=["policies"], responses=_ERRORS)
 async def policy_diff(
-    wallet_id: str,
+    wallet_id: WalletId,
     ctx: Ctx,
     _: AnyOperator,
     old: Annotated[int, Query(alias="from", ge=1)],
@@ -199,7 +229,7 @@ async def policy_diff(
 
 
 @router.put("/agents/{agent_id}/grants/{wallet_id}", response_model=GrantOut, tags=["policies"], responses=_ERRORS)
-async def set_grant(agent_id: str, wallet_id: str, body: PolicyIn, ctx: Ctx, operator: Admin) -> GrantOut:
+async def set_grant(agent_id: AgentId, wallet_id: WalletId, body: PolicyIn, ctx: Ctx, operator: Admin) -> GrantOut:
     """Give an agent a grant on a wallet; it can only narrow the wallet's policy."""
     await agent_service.get_agent(ctx, agent_id)
     if await ctx.wallets.get(wallet_id) is None:
@@ -215,13 +245,13 @@ async def approvals(ctx: Ctx, _: AnyOperator) -> Approvals:
 
 
 @router.post("/approvals/{payment_id}/approve", response_model=VoteResult, tags=["approvals"], responses=_ERRORS)
-async def approve(payment_id: str, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
+async def approve(payment_id: PaymentId, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
     """Approve; the last approval of the quorum re-evaluates, reserves and signs."""
     return VoteResult.model_validate(await payment_service.vote(ctx, operator, payment_id, "approve", body.comment))
 
 
 @router.post("/approvals/{payment_id}/reject", response_model=VoteResult, tags=["approvals"], responses=_ERRORS)
-async def reject(payment_id: str, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
+async def reject(payment_id: PaymentId, body: Vote, ctx: Ctx, operator: Approver) -> VoteResult:
     return VoteResult.model_validate(await payment_service.vote(ctx, operator, payment_id, "reject", body.comment))
 
 
@@ -239,7 +269,10 @@ async def freeze(body: FreezeIn, ctx: Ctx, operator: Admin) -> Response:
 
 @router.delete("/freezes/{scope}", status_code=204, tags=["kill switch"], responses=_ERRORS)
 async def unfreeze(
-    scope: Literal["all", "wallet", "agent"], ctx: Ctx, operator: Admin, target: str | None = None
+    scope: Literal["all", "wallet", "agent"],
+    ctx: Ctx,
+    operator: Admin,
+    target: Annotated[str | None, Query(pattern=ID_PATTERN, description="The wallet or agent id.")] = None,
 ) -> Response:
     if not await payment_service.unfreeze(ctx, scope, target or "", operator):
         raise NotFound("nothing is frozen there")
@@ -254,7 +287,7 @@ class AuditEvents(BaseModel):
 async def audit_events(
     ctx: Ctx,
     _: AnyOperator,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AuditEvents:
     """Audit records in order, after ``after_seq`` (page with the last seq you saw)."""
@@ -267,8 +300,8 @@ async def audit_verify(ctx: Ctx, _: AnyOperator) -> VerifyResult:
     return await ctx.audit.verify()
 
 
-class WebhookIn(BaseModel):
-    url: str = Field(max_length=2000, description="Where to POST events (http or https).")
+class WebhookIn(RequestBody):
+    url: str = Field(max_length=2000, pattern=TEXT_PATTERN, description="Where to POST events (http or https).")
     events: list[str] = Field(
         default_factory=list,
         description="payment.pending_approval, payment.approved, payment.rejected, payment.signed; empty means all.",
@@ -309,7 +342,7 @@ async def list_webhooks(ctx: Ctx, _: AnyOperator) -> Webhooks:
 
 
 @router.delete("/webhooks/{webhook_id}", status_code=204, tags=["webhooks"], responses=_ERRORS)
-async def remove_webhook(webhook_id: str, ctx: Ctx, operator: Admin) -> Response:
+async def remove_webhook(webhook_id: WebhookId, ctx: Ctx, operator: Admin) -> Response:
     await outbox.remove_webhook(ctx.engine, webhook_id)
     await ctx.audit.append("webhook.removed", actor=f"operator:{operator.id}", subject=webhook_id)
     return Response(status_code=204)
@@ -323,8 +356,10 @@ async def webhook_deliveries(
     return Deliveries(deliveries=await outbox.list_deliveries(ctx.engine, status))
 
 
-class OperatorCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=100, description="What approver groups list (unique).")
+class OperatorCreate(RequestBody):
+    name: str = Field(
+        min_length=1, max_length=100, pattern=TEXT_PATTERN, description="What approver groups list (unique)."
+    )
     role: Literal["admin", "approver", "viewer"]
 
 
@@ -374,7 +409,7 @@ async def list_operators(ctx: Ctx, _: AnyOperator) -> Operators:
 
 
 @router.delete("/operators/{operator_id}", status_code=204, tags=["operators"], responses=_ERRORS)
-async def revoke_operator(operator_id: str, ctx: Ctx, operator: Admin) -> Response:
+async def revoke_operator(operator_id: OperatorId, ctx: Ctx, operator: Admin) -> Response:
     """Revoke an operator's credential; it stops working at once."""
     await operator_service.revoke_operator(ctx, operator_id, operator)
     return Response(status_code=204)

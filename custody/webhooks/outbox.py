@@ -101,8 +101,9 @@ async def list_webhooks(engine: AsyncEngine) -> list[dict[str, Any]]:
 
 async def remove_webhook(engine: AsyncEngine, webhook_id: str) -> None:
     async with write_transaction(engine) as conn:
-        pending = update(deliveries).where(deliveries.c.webhook_id == webhook_id, deliveries.c.status == "pending")
-        await conn.execute(pending.values(status="cancelled"))
+        # Its deliveries go with it: they reference the webhook row, and without its URL and key
+        # none of them could be sent again (keeping them made every removal after a delivery fail).
+        await conn.execute(deliveries.delete().where(deliveries.c.webhook_id == webhook_id))
         result = await conn.execute(webhooks.delete().where(webhooks.c.id == webhook_id))
     if result.rowcount != 1:
         raise NotFound("no such webhook")
