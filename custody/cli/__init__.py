@@ -17,6 +17,7 @@ import typer
 
 from custody.cli.admin import register_admin_commands
 from custody.cli.audit import audit_app
+from custody.cli.demo import register_demo_command
 from custody.cli.mcp import register_mcp_command
 from custody.cli.operator import admin_request, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
@@ -44,6 +45,7 @@ app.add_typer(policy_app, name="policy")
 register_admin_commands(app, policy_app)
 app.add_typer(audit_app, name="audit")
 register_mcp_command(app)
+register_demo_command(app)
 
 
 def _settings() -> Settings:
@@ -138,6 +140,9 @@ def serve(
     if token:
         _print_admin_token(token)
     child = _start_signer(settings) if signer else None
+    # uvicorn shuts down on SIGTERM, then raises the signal again for the previous handler: make
+    # that handler an exception, so the signer below is stopped and waited for, not orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
             create_app(settings),
@@ -156,6 +161,10 @@ def serve(
                 child.kill()
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM the signer when `custody serve` dies, however it dies."""
     try:
@@ -166,8 +175,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def _start_signer(settings: Settings) -> subprocess.Popen[bytes]:
-    # A fixed argument list (this interpreter, this package), no shell.
-    child = subprocess.Popen(  # nosec B603
+    child = subprocess.Popen(  # nosec B603 # a fixed argument list (this interpreter, this package), no shell
         [sys.executable, "-m", "custody", "signer", "run"], preexec_fn=_die_with_parent
     )
     deadline = time.monotonic() + 20
