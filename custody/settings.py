@@ -174,6 +174,11 @@ class Settings(BaseSettings):
 
     def _api_problems(self) -> list[str]:
         problems: list[str] = []
+        if self.reservation_lease_seconds <= self.signer_timeout_seconds + 2 * self.database_timeout_seconds:
+            problems.append(
+                "CUSTODY_RESERVATION_LEASE_SECONDS must exceed CUSTODY_SIGNER_TIMEOUT_SECONDS plus twice "
+                "CUSTODY_DATABASE_TIMEOUT_SECONDS, or a live request could be taken for a crashed one"
+            )
         if self.failpoints:
             problems.append("CUSTODY_FAILPOINTS is set: crash points are for tests, never for production")
         if self.uses_sqlite and not self.allow_sqlite:

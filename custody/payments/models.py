@@ -108,6 +108,7 @@ class IdempotencyRow(SQLModel, table=True):
     """The first response to an agent's Idempotency-Key, replayed for the same body."""
 
     __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
     agent_id: str = Field(primary_key=True, max_length=40)
     key: str = Field(primary_key=True, max_length=200)

@@ -363,17 +363,26 @@ async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, res
 
 
 async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None:
-    """Store the answer for replays (None: forget the claim, so a retry runs afresh)."""
-    async with ctx.engine.begin() as conn:
-        where = claim.where() & idempotency_keys.c.status_code.is_(None)
-        if response is None:
+    """Store the answer for replays (None: forget the claim, so a retry runs afresh).
+
+    Forgetting a claim first releases a reservation it still holds (a signature that could
+    not be recorded): a retry must not find its own earlier attempt counted against it. If
+    the database is down, neither happens and the claim resolves through the lease.
+    """
+    where = claim.where() & idempotency_keys.c.status_code.is_(None)
+    if response is None:
+        async with write_transaction(ctx.engine) as conn:
+            row = (await conn.execute(select(idempotency_keys.c.payment_id).where(where))).first()
+            if row is not None and row.payment_id is not None:
+                await _interrupt(ctx, conn, row.payment_id, "payment.interrupted")
             await conn.execute(delete(idempotency_keys).where(where))
-        else:
-            await conn.execute(
-                update(idempotency_keys)
-                .where(where)
-                .values(status_code=response.status_code, response=json.dumps(response.body))
-            )
+        return
+    async with ctx.engine.begin() as conn:
+        await conn.execute(
+            update(idempotency_keys)
+            .where(where)
+            .values(status_code=response.status_code, response=json.dumps(response.body))
+        )
 
 
 async def _interrupt(
@@ -714,6 +723,24 @@ async def _sign(
         raise
     ctx.metrics.signed(method, started)
     failpoints.hit("payment.after_sign")
+    try:
+        await _record_signature(ctx, payment_id, wallet_id, result, claim)
+    except BaseException:
+        # Not recorded, so never handed out: release its reservation now rather than at the sweep
+        # (a no-op if the record did commit, or if the payment was already released).
+        with contextlib.suppress(Exception):
+            async with write_transaction(ctx.engine) as conn:
+                await _interrupt(ctx, conn, payment_id, "payment.interrupted")
+        raise
+    failpoints.hit("payment.after_record")
+    ctx.outbox_wake.set()
+    await ctx.shared.wake(f"payment:{payment_id}")
+    return result
+
+
+async def _record_signature(
+    ctx: Context, payment_id: str, wallet_id: str, result: dict[str, Any], claim: Claim | None
+) -> None:
     async with write_transaction(ctx.engine) as conn:
         recorded = await conn.execute(
             update(payments)
@@ -731,10 +758,6 @@ async def _sign(
         await outbox.enqueue(
             conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, _now()
         )
-    failpoints.hit("payment.after_record")
-    ctx.outbox_wake.set()
-    await ctx.shared.wake(f"payment:{payment_id}")
-    return result
 
 
 # Status ---------------------------------------------------------------------------------

@@ -76,6 +76,8 @@ class Shared:
         self._events: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._local_locks: dict[str, float] = {}
         self._listener: asyncio.Task[None] | None = None
+        # With wake-ups through Redis, waiters look at the database themselves only this often.
+        self.redis_poll_interval = 1.0
         if redis_url:
             self._redis = Redis.from_url(
                 redis_url,
@@ -185,7 +187,7 @@ class Shared:
     @property
     def poll_interval(self) -> float:
         """How often a waiter should also look at the database itself."""
-        return 1.0 if self._usable() is not None and self._listener is not None else 0.2
+        return self.redis_poll_interval if self._usable() is not None and self._listener is not None else 0.2
 
     # Short locks ------------------------------------------------------------------------
     async def try_lock(self, name: str, seconds: float) -> str | None:

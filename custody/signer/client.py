@@ -66,9 +66,13 @@ class SignerClient:
 
     async def _exchange(self, connection: _Connection, message: dict[str, Any]) -> dict[str, Any] | None:
         reader, writer = connection
-        writer.write(encode_frame(message))
-        await writer.drain()
-        return await asyncio.wait_for(read_frame(reader), self.timeout)
+
+        async def exchange() -> dict[str, Any] | None:
+            writer.write(encode_frame(message))
+            await writer.drain()  # a stalled signer stops reading: this waits too, so bound it
+            return await read_frame(reader)
+
+        return await asyncio.wait_for(exchange(), self.timeout)
 
     async def call(self, op: str, **params: Any) -> dict[str, Any]:
         message = {"op": op, **params}

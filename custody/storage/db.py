@@ -39,11 +39,18 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
             yield conn
 
 
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
 def is_database_outage(exc: BaseException) -> bool:
     """True for errors that mean "the database cannot be reached", not "the query is wrong"."""
     if isinstance(exc, (OperationalError, InterfaceError, SATimeoutError, OSError)):
         return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not isinstance(exc, DBAPIError):
+        return False
+    # A deadlock or serialization failure aborted this transaction: transient, safe to retry.
+    sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return exc.connection_invalidated or sqlstate in _TRANSIENT_SQLSTATES
 
 
 def create_engine(url: str, *, timeout: float = 10.0) -> AsyncEngine:

@@ -324,3 +324,44 @@ async def test_an_unreachable_signer_refuses_payments_and_releases_the_reservati
     finally:
         signer.stop()
         gc.collect()  # surface unclosed-resource warnings in the test that caused them
+
+
+@pytest.mark.postgres
+async def test_a_signature_that_cannot_be_recorded_releases_its_reservation_for_the_retry(
+    pg_database: str, short_dir: Path
+) -> None:
+    """The audit write fails only for the signature record: nothing is handed out, nothing stays counted."""
+    settings = _settings(short_dir, pg_database)
+
+    async def sql(statement: str) -> None:
+        conn = await asyncpg.connect(pg_database, timeout=10)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    signer = SignerThread(settings).start()
+    try:
+        async for service in _service(settings, slots=2):  # the warm-up used one slot: one is left
+            await sql(
+                "CREATE FUNCTION refuse_signed() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'audit storage full'; END $$"
+            )
+            await sql(
+                "CREATE TRIGGER refuse_signed BEFORE INSERT ON audit_events FOR EACH ROW "
+                "WHEN (NEW.kind = 'payment.signed') EXECUTE FUNCTION refuse_signed()"
+            )
+            path = f"/v1/wallets/{service.wallet_id}/sign/transaction"
+            body = {"transaction": transfer(CHAIN, BOB, EACH, 99)}
+            headers = service.agent | {"Idempotency-Key": "invoice-77"}
+            first = await service.client.post(path, json=body, headers=headers)
+            assert first.status_code == 503
+            assert first.json()["code"] == "audit_unavailable"
+            await sql("DROP TRIGGER refuse_signed ON audit_events")
+            retry = await service.client.post(path, json=body, headers=headers)
+            assert retry.status_code == 200, retry.text  # the first attempt's reservation is not counted
+            service.signed += 1
+            await service.books()
+    finally:
+        signer.stop()
+        gc.collect()

@@ -174,7 +174,9 @@ async def test_an_approval_on_one_replica_wakes_the_agent_waiting_on_another(red
             )
             assert pending.status_code == 202
             payment_id = pending.json()["payment_id"]
-            async for two, _ in _app_client(settings):
+            async for two, app_two in _app_client(settings):
+                # Replica two would look at the database itself only after 30 s: only Redis can wake it.
+                app_two.state.ctx.shared.redis_poll_interval = 30.0
                 waiting = asyncio.create_task(two.get(f"/v1/payments/{payment_id}?wait=20", headers=agent))
                 await asyncio.sleep(0.3)
                 assert not waiting.done()

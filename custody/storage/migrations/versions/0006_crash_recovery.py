@@ -18,9 +18,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("owner", sa.String(32), nullable=True))
         batch.add_column(sa.Column("payment_id", sa.String(40), nullable=True))
     op.create_index("ix_payments_status_updated_at", "payments", ["status", "updated_at"])
+    # The sweep looks for abandoned claims by age.
+    op.create_index("ix_idempotency_keys_created_at", "idempotency_keys", ["created_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_idempotency_keys_created_at", table_name="idempotency_keys")
     op.drop_index("ix_payments_status_updated_at", table_name="payments")
     with op.batch_alter_table("idempotency_keys") as batch:
         batch.drop_column("payment_id")
