@@ -185,7 +185,7 @@ def _settings(short_dir: Path, database_url: str | None) -> Settings:
 
 @pytest.mark.postgres
 async def test_killed_processes_lose_nothing_and_count_nothing_twice(short_dir: Path, pg_database: str) -> None:
-    await _run(_settings(short_dir, pg_database), short_dir, rounds=100, probability=0.03)
+    await _run(_settings(short_dir, pg_database), short_dir, rounds=200, probability=0.02)
 
 
 @pytest.mark.soak
