@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from custody.services.context import Context
+from custody.services.operators import ensure_first_admin
 from custody.settings import Settings
 
 
@@ -30,6 +32,17 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> N
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def first_admin_token(settings: Settings) -> str:
+    """Create the first admin on ``settings``' database (migrating it) and return its token."""
+    ctx = await Context.open(settings)
+    try:
+        token = await ensure_first_admin(ctx)
+    finally:
+        await ctx.close()
+    assert token is not None
+    return token
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:

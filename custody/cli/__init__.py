@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import getpass
 import json
 import logging
@@ -23,7 +22,7 @@ from custody.cli.operator import admin_request, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
 from custody.cli.policy import policy_app
 from custody.errors import ConfigurationError, InvalidRequest, SignerUnavailable
-from custody.runtime import restore_recursion_limit
+from custody.runtime import die_with_parent, restore_recursion_limit
 from custody.schemas import WalletOut
 from custody.services import operators as operator_service
 from custody.services import wallets as wallet_service
@@ -165,18 +164,9 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM the signer when `custody serve` dies, however it dies."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _start_signer(settings: Settings) -> subprocess.Popen[bytes]:
     child = subprocess.Popen(  # nosec B603 # a fixed argument list (this interpreter, this package), no shell
-        [sys.executable, "-m", "custody", "signer", "run"], preexec_fn=_die_with_parent
+        [sys.executable, "-m", "custody", "signer", "run"], preexec_fn=die_with_parent
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from custody.runtime import die_with_parent
 
 __all__ = ["Sandbox", "SandboxError", "format_units", "serve_app", "start_sandbox"]
 
@@ -84,15 +85,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM `custody serve` if this process dies without cleaning up (serve then stops its signer)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _first_admin_token(data_dir: Path) -> str:
@@ -304,7 +296,7 @@ def start_sandbox(*, keep: bool = False, while_starting: Callable[[], object] | 
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         if while_starting is not None:
             while_starting()

@@ -34,12 +34,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from custody.api.app import create_app
-from custody.services.context import Context
-from custody.services.operators import ensure_first_admin
 from custody.settings import Settings
 from custody.storage.db import create_engine
 from tests.battery.api_seed import World, redact, seed
 from tests.conftest import LiveServer, SignerThread
+from tests.processes import first_admin_token
 
 AGENT_PATHS = r"^/v1/|^/healthz$"
 OPERATOR_PATHS = r"^/(?!v1/)"  # everything else: the admin API, readiness, metrics
@@ -68,16 +67,6 @@ class QuietServer(LiveServer):
         self.server.config.app = create_app(settings, background=False)
 
 
-async def _first_admin(settings: Settings) -> str:
-    ctx = await Context.open(settings)
-    try:
-        token = await ensure_first_admin(ctx)
-    finally:
-        await ctx.close()
-    assert token is not None
-    return token
-
-
 async def _seed(url: str, token: str, settings: Settings) -> World:
     engine = create_engine(settings.sqlalchemy_url)
     try:
@@ -91,7 +80,7 @@ async def _seed(url: str, token: str, settings: Settings) -> World:
 def served(settings: Settings, signer: SignerThread) -> Iterator[tuple[str, World]]:
     """A seeded service on a loopback port; the agent rate limit is out of the way of the fuzzer."""
     settings = settings.model_copy(update={"agent_rate_limit_per_minute": 1_000_000})
-    token = asyncio.run(_first_admin(settings))
+    token = asyncio.run(first_admin_token(settings))
     server = QuietServer(settings).start()
     try:
         yield server.url, asyncio.run(_seed(server.url, token, settings))

@@ -25,25 +25,23 @@ from custody.audit.log import AuditLog
 from custody.payments.ledger import ledger_buckets, ledger_entries, payments
 from custody.payments.service import idempotency_keys
 from custody.services.context import Context
-from custody.services.operators import ensure_first_admin
 from custody.settings import Settings
 from tests.payments.helpers import GAS, native_policy, transfer
-from tests.processes import Supervisor, api_process, api_ready, free_port, signer_process, signer_ready, wait_for
+from tests.processes import (
+    Supervisor,
+    api_process,
+    api_ready,
+    first_admin_token,
+    free_port,
+    signer_process,
+    signer_ready,
+    wait_for,
+)
 
 CHAIN = 31337
 BOB = Web3.to_checksum_address("0x" + "b0" * 20)
 EACH = 10**15
 LEASE = 3.0
-
-
-async def _admin_token(settings: Settings) -> str:
-    ctx = await Context.open(settings)
-    try:
-        token = await ensure_first_admin(ctx)
-    finally:
-        await ctx.close()
-    assert token is not None
-    return token
 
 
 async def _set_up(url: str, admin_token: str, slots: int) -> tuple[str, str]:
@@ -75,7 +73,7 @@ async def _pay_until_answered(http: httpx.AsyncClient, path: str, body: dict[str
 async def _run(settings: Settings, short_dir: Path, rounds: int, probability: float) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    token = await _admin_token(settings)
+    token = await first_admin_token(settings)
     failpoints = ",".join(
         f"{name}={probability}" for name in ("payment.after_reserve", "payment.after_sign", "payment.after_record")
     )

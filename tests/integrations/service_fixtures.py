@@ -28,10 +28,9 @@ import pytest
 from custody.client import CustodyClient
 from custody.devchain import DevChain, TestToken, start_chain
 from custody.integrations.tools import CustodyTools
-from custody.services.context import Context
-from custody.services.operators import ensure_first_admin
 from custody.settings import Settings
 from tests.conftest import LiveServer, SignerThread
+from tests.processes import first_admin_token
 
 ETH = 10**18
 USDC = 10**6
@@ -140,16 +139,6 @@ class Custody:
         self.admin.close()
 
 
-async def _first_admin_token(settings: Settings) -> str:
-    ctx = await Context.open(settings)
-    try:
-        token = await ensure_first_admin(ctx)
-    finally:
-        await ctx.close()
-    assert token is not None
-    return token
-
-
 @contextmanager
 def running_custody() -> Iterator[Custody]:
     """The service on SQLite with its signer, served on a loopback port, and a chain with a test USDC."""
@@ -163,7 +152,7 @@ def running_custody() -> Iterator[Custody]:
     server: LiveServer | None = None
     service: Custody | None = None
     try:
-        token = asyncio.run(_first_admin_token(settings))
+        token = asyncio.run(first_admin_token(settings))
         server = LiveServer(settings).start()
         chain = start_chain()
         admin = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
