@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +35,7 @@ from custody.settings import Settings
 from tests.battery.test_idempotency_storm import storm_across_processes
 from tests.conftest import REDIS_URL
 from tests.payments.helpers import GAS, agent_key, native_policy, set_policy, transfer, wallet
-from tests.test_isolation import _free_port, _wait_for
+from tests.processes import api_process, api_ready, free_port, wait_for
 
 API = tuple[httpx.AsyncClient, str]
 CHAIN = 31337
@@ -314,43 +311,20 @@ async def test_approvals_and_payments_racing_for_the_last_slot_exactly_one_wins(
     assert [s.subject for s in signed] == won
 
 
-def _serve(settings: Settings, port: int, log: Path, redis_prefix: str) -> subprocess.Popen[bytes]:
-    """``custody serve`` without a signer of its own, sharing the test's database, signer and Redis."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")} | {
-        "CUSTODY_DATA_DIR": str(settings.data_dir),
-        "CUSTODY_SIGNER_SOCKET": str(settings.socket_path),
-        "CUSTODY_REDIS_URL": REDIS_URL,
-        "CUSTODY_REDIS_PREFIX": redis_prefix,
-        "CUSTODY_AGENT_RATE_LIMIT_PER_MINUTE": "0",
-    }
-    if settings.database_url:
-        env["CUSTODY_DATABASE_URL"] = settings.database_url
-    with log.open("wb") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "custody", "serve", "--no-signer", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def _two_processes(
     api: API, settings: Settings, short_dir: Path, redis_prefix: str, seeds: Sequence[int], attempts: int
 ) -> None:
     admin, _ = api
     engine = admin._transport.app.state.ctx.engine  # type: ignore[attr-defined]
-    ports = [_free_port(), _free_port()]
-    servers = [_serve(settings, port, short_dir / f"api{n}.log", redis_prefix) for n, port in enumerate(ports)]
+    ports = [free_port(), free_port()]
+    shared = settings.model_copy(update={"redis_url": REDIS_URL, "redis_prefix": redis_prefix})
+    servers = [
+        api_process(shared, port, short_dir / f"api{n}.log", agent_rate_limit_per_minute="0").start()
+        for n, port in enumerate(ports)
+    ]
     try:
         for port in ports:
-            _wait_for(lambda port=port: _ready(port), f"the API on port {port}")
+            wait_for(lambda port=port: api_ready(f"http://127.0.0.1:{port}"), f"the API on port {port}")  # type: ignore[misc]
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         limits = httpx.Limits(max_connections=CLIENTS)
         async with httpx.AsyncClient(timeout=60, limits=limits) as http:
@@ -364,8 +338,7 @@ async def _two_processes(
             await storm_across_processes(admin, http, ports)
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(15)
+            server.stop()
 
 
 @pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,29 +11,11 @@ from web3 import Web3
 from custody.settings import Settings
 from tests.conftest import REDIS_URL
 from tests.payments.helpers import GAS, agent_key, native_policy, set_policy, transfer, wallet
-from tests.test_isolation import _free_port, _wait_for
+from tests.processes import api_process, api_ready, free_port, wait_for
 
 CHAIN = 31337
 BOB = Web3.to_checksum_address("0x" + "b0" * 20)
 EACH = 10**16
-
-
-def _serve(settings: Settings, port: int, log: Path, redis_prefix: str) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")} | {
-        "CUSTODY_DATA_DIR": str(settings.data_dir),
-        "CUSTODY_SIGNER_SOCKET": str(settings.socket_path),
-        "CUSTODY_REDIS_URL": REDIS_URL,
-        "CUSTODY_REDIS_PREFIX": redis_prefix,
-    }
-    if settings.database_url:
-        env["CUSTODY_DATABASE_URL"] = settings.database_url
-    with log.open("wb") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "custody", "serve", "--no-signer", "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
 
 
 async def test_two_api_processes_never_approve_more_than_the_cap(
@@ -47,11 +26,14 @@ async def test_two_api_processes_never_approve_more_than_the_cap(
     slots = 7
     await set_policy(admin, payer["id"], native_policy(CHAIN, [BOB], slots * (EACH + GAS)))
     _, key = await agent_key(admin, [payer["id"]])
-    ports = [_free_port(), _free_port()]
-    servers = [_serve(settings, port, short_dir / f"api{n}.log", redis_prefix) for n, port in enumerate(ports)]
+    ports = [free_port(), free_port()]
+    shared = settings.model_copy(update={"redis_url": REDIS_URL, "redis_prefix": redis_prefix})
+    servers = [
+        api_process(shared, port, short_dir / f"api{n}.log").start() for n, port in enumerate(ports)
+    ]
     try:
         for port in ports:
-            _wait_for(lambda port=port: _ready(port), f"the API on port {port}")  # type: ignore[misc]
+            wait_for(lambda port=port: api_ready(f"http://127.0.0.1:{port}"), f"the API on port {port}")  # type: ignore[misc]
         headers = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(timeout=60) as http:
 
@@ -65,12 +47,4 @@ async def test_two_api_processes_never_approve_more_than_the_cap(
         assert codes.count(403) == 30 - slots
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(15)
-
-
-def _ready(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+            server.stop()
