@@ -65,8 +65,19 @@ def _missing(*modules: str) -> str | None:
     return None
 
 
+_interrupted: list[int] = []
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # Remembered as well as raised: Python drops an exception raised inside a finalizer
+    # (`Exception ignored in ... __del__`), so the demo also checks at every step.
+    _interrupted.append(signum)
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C
+
+
+def _stop_if_interrupted() -> None:
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def demo_command(
@@ -84,7 +95,9 @@ def demo_command(
     from custody.devchain.sandbox import SandboxError, start_sandbox
     from custody.errors import CustodyError
 
+    _interrupted.clear()
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_int = signal.signal(signal.SIGINT, _interrupt)
     started = time.monotonic()
     directory = None
     try:
@@ -96,6 +109,7 @@ def demo_command(
             with start_sandbox(keep=keep, while_starting=lambda: chains.append(_dev_chain())) as sandbox:
                 directory = sandbox.data_dir
                 Demo(sandbox, *chains[0]).play()
+                _stop_if_interrupted()
                 _say()
                 _say(f"Done in {time.monotonic() - started:.1f} s. Stopping the service (the signer stops with it).")
         finally:
@@ -113,6 +127,7 @@ def demo_command(
         raise typer.Exit(1) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     if keep:
         _say(f"Kept {directory}: the database, the development KEK file, demo-policy.yaml and serve.log (the log).")
         _say(f"  CUSTODY_DATA_DIR={directory} custody audit verify")
@@ -147,6 +162,7 @@ class Demo:
     approver_token: str = field(init=False, repr=False)
 
     def title(self, text: str) -> None:
+        _stop_if_interrupted()
         self.step += 1
         _say()
         _say(f"{self.step}. {text}")
