@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from custody.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from custody.payments.models import AgentKeyRow, AgentRow
 from custody.services.context import Context
-from custody.storage.db import write_transaction
+from custody.storage.db import reading, write_transaction
 from custody.storage.types import as_utc
 
 agents: Table = AgentRow.__table__  # type: ignore[attr-defined]
@@ -160,7 +160,7 @@ async def authenticate(ctx: Context, token: str | None) -> AgentPrincipal:
     key_id, _, secret = rest.partition(".")
     row = None
     if prefix == KEY_PREFIX and key_id:
-        async with ctx.engine.connect() as conn:
+        async with reading(ctx.engine) as conn:
             row = (
                 await conn.execute(
                     select(agent_keys, agents.c.name, agents.c.created_at.label("agent_created"))

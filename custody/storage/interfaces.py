@@ -43,6 +43,9 @@ class WalletStore(Protocol):
     async def envelope(self, wallet_id: str) -> KeyEnvelope | None:
         """The current encrypted key of a wallet."""
 
+    async def with_envelope(self, wallet_id: str) -> tuple[Wallet, KeyEnvelope] | None:
+        """A wallet and its current encrypted key, read together (the payment path's one lookup)."""
+
     def envelopes(self, *, below_kek_version: int | None = None) -> AsyncIterator[KeyEnvelope]:
         """Every stored key envelope (optionally only those under an older KEK)."""
         ...

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from custody.errors import Conflict
 from custody.keys.envelope import KeyEnvelope
+from custody.storage.db import reading
 from custody.storage.interfaces import Operator, Wallet
 from custody.storage.models import OperatorRow, WalletKeyRow, WalletRow
 from custody.storage.types import as_utc
@@ -65,7 +66,7 @@ class SqlWalletStore:
             return [_wallet(row) for row in rows]
 
     async def get(self, wallet_id: str) -> Wallet | None:
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:
             row = (await conn.execute(select(wallets).where(wallets.c.id == wallet_id))).first()
         return _wallet(row) if row else None
 
@@ -83,9 +84,30 @@ class SqlWalletStore:
             )
             .where(wallet_keys.c.wallet_id == wallet_id)
         )
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:
             row = (await conn.execute(query)).first()
         return _envelope(row) if row else None
+
+    async def with_envelope(self, wallet_id: str) -> tuple[Wallet, KeyEnvelope] | None:
+        query = (
+            select(
+                wallets,
+                wallet_keys.c.kek_version,
+                wallet_keys.c.wrapped_dek,
+                wallet_keys.c.ciphertext,
+            )
+            .join(
+                wallet_keys,
+                and_(wallets.c.id == wallet_keys.c.wallet_id, wallets.c.key_version == wallet_keys.c.key_version),
+            )
+            .where(wallets.c.id == wallet_id)
+        )
+        async with reading(self.engine) as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        key = KeyEnvelope(row.id, row.key_version, row.kek_version, bytes(row.wrapped_dek), bytes(row.ciphertext))
+        return _wallet(row), key
 
     async def envelopes(self, *, below_kek_version: int | None = None) -> AsyncIterator[KeyEnvelope]:
         # Paged by primary key so a large table is never held in memory or in one transaction.
@@ -143,7 +165,7 @@ class SqlOperatorStore:
             )
 
     async def get(self, operator_id: str) -> Operator | None:
-        async with self.engine.connect() as conn:
+        async with reading(self.engine) as conn:
             row = (await conn.execute(select(operators).where(operators.c.id == operator_id))).first()
         if row is None:
             return None
