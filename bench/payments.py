@@ -668,8 +668,10 @@ async def load_history(service: Service, wallet: WalletUnderTest, count: int) ->
                     await conn.execute(insert(ledger_entries), entries)
         # The wallet's own bucket rows (from the first payment) are added to, never replaced.
         async with ctx.engine.begin() as conn:
-            for (counter, hour), amount in buckets.items():
-                await _bump(conn, wallet.id, wallet.agent_id, counter, hour, amount)
+            await _bump(
+                conn,
+                {(wallet.id, wallet.agent_id, counter, hour): amount for (counter, hour), amount in buckets.items()},
+            )
         async with ctx.engine.connect() as conn:  # what autovacuum would do after a bulk load
             await conn.execute(text("ANALYZE"))
             await conn.commit()
@@ -768,7 +770,7 @@ STEPS: list[tuple[str, str, str]] = [
     ("current_policy", "custody/payments/documents.py", "policy load + parse"),
     ("current_grant", "custody/payments/documents.py", "grant load"),
     ("evaluate", "policies/engine.py", "engine evaluation"),
-    ("_answer", "custody/payments/ledger.py", "spend questions (SQL)"),
+    ("_fetch", "custody/payments/ledger.py", "spend questions (SQL)"),
     ("record", "custody/payments/ledger.py", "reservation write"),
     ("_frozen", "custody/payments/service.py", "freeze check"),
     ("_locked", "custody/payments/service.py", "wallet lock"),

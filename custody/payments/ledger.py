@@ -14,11 +14,11 @@ window reads at most 720 bucket rows, however many payments it holds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, delete, func, insert, literal_column, select
+from sqlalchemy import Table, delete, exists, func, insert, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -89,20 +89,19 @@ def _sum(conn: AsyncConnection, column: Any) -> Any:
     return func.custody_sum(column) if conn.dialect.name == "sqlite" else func.sum(column)
 
 
-async def _entries_total(
+def _entries_sum(
     conn: AsyncConnection, wallet_id: str, counter: str, since: datetime, until: datetime, agent_id: str | None
-) -> int:
-    query = select(_sum(conn, ledger_entries.c.amount)).where(*_window(wallet_id, counter, since, until, agent_id))
-    return int((await conn.execute(query)).scalar() or 0)
+) -> Any:
+    return select(_sum(conn, ledger_entries.c.amount)).where(*_window(wallet_id, counter, since, until, agent_id))
 
 
-async def window_total(
+def _total_parts(
     conn: AsyncConnection, wallet_id: str, counter: str, since: datetime, until: datetime, agent_id: str | None
-) -> int:
-    """Exact sum of a counter over ``[since, until)``: edge hours from entries, whole hours from buckets."""
+) -> list[Any]:
+    """The sums that add up to a window's total: edge hours from entries, whole hours from buckets."""
     inner_start, inner_end = _ceil(since), _floor(until)
     if inner_start >= inner_end:
-        return await _entries_total(conn, wallet_id, counter, since, until, agent_id)
+        return [_entries_sum(conn, wallet_id, counter, since, until, agent_id)]
     conditions = [
         ledger_buckets.c.wallet_id == wallet_id,
         ledger_buckets.c.counter == counter,
@@ -111,28 +110,54 @@ async def window_total(
     ]
     if agent_id is not None:
         conditions.append(ledger_buckets.c.agent_id == agent_id)
-    middle = int((await conn.execute(select(_sum(conn, ledger_buckets.c.amount)).where(*conditions))).scalar() or 0)
-    head = await _entries_total(conn, wallet_id, counter, since, inner_start, agent_id)
-    tail = await _entries_total(conn, wallet_id, counter, inner_end, until, agent_id)
-    return head + middle + tail
+    return [
+        _entries_sum(conn, wallet_id, counter, since, inner_start, agent_id),
+        select(_sum(conn, ledger_buckets.c.amount)).where(*conditions),
+        _entries_sum(conn, wallet_id, counter, inner_end, until, agent_id),
+    ]
 
 
-async def _bump(conn: AsyncConnection, wallet_id: str, agent_id: str, counter: str, at: datetime, amount: int) -> None:
-    values = {"wallet_id": wallet_id, "counter": counter, "agent_id": agent_id, "bucket": _floor(at), "amount": amount}
+async def window_total(
+    conn: AsyncConnection, wallet_id: str, counter: str, since: datetime, until: datetime, agent_id: str | None
+) -> int:
+    """Exact sum of a counter over ``[since, until)``."""
+    answers = await _fetch(conn, wallet_id, [("total", counter, since, until, agent_id)])
+    return int(answers[("total", counter, since, until, agent_id)])
+
+
+async def _bump(conn: AsyncConnection, changes: dict[tuple[str, str, str, datetime], int]) -> None:
+    """Add amounts to hourly totals, keyed (wallet, agent, counter, hour): one statement for all of them."""
+    if not changes:
+        return
+    values = [
+        {"wallet_id": wallet_id, "agent_id": agent_id, "counter": counter, "bucket": bucket, "amount": amount}
+        for (wallet_id, agent_id, counter, bucket), amount in changes.items()
+    ]
     keys = ["wallet_id", "counter", "agent_id", "bucket"]
     if conn.dialect.name == "postgresql":
-        pg = postgresql.insert(ledger_buckets).values(**values)
+        pg = postgresql.insert(ledger_buckets).values(values)
         statement: Any = pg.on_conflict_do_update(
             # Written out: the column's Python-side type is text-backed, and would make "+" a concatenation.
             index_elements=keys,
             set_={"amount": literal_column("ledger_buckets.amount + excluded.amount")},
         )
     else:
-        lite = sqlite.insert(ledger_buckets).values(**values)
+        lite = sqlite.insert(ledger_buckets).values(values)
         statement = lite.on_conflict_do_update(
             index_elements=keys, set_={"amount": func.custody_add(ledger_buckets.c.amount, lite.excluded.amount)}
         )
     await conn.execute(statement)
+
+
+def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, datetime], int]:
+    """Ledger entries summed per hourly total (a statement may touch each total once)."""
+    changes: dict[tuple[str, str, str, datetime], int] = {}
+    for row in rows:
+        at = row["at"]
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        key = (row["wallet_id"], row["agent_id"], row["counter"], _floor(at))
+        changes[key] = changes.get(key, 0) + sign * int(row["amount"])
+    return changes
 
 
 async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
@@ -140,45 +165,68 @@ async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     await conn.execute(insert(ledger_entries), rows)
-    for row in rows:
-        await _bump(conn, row["wallet_id"], row["agent_id"], row["counter"], row["at"], row["amount"])
+    await _bump(conn, _changes(rows, 1))
 
 
 async def release(conn: AsyncConnection, payment_id: str) -> None:
     """Remove a payment's entries (a released reservation) and take them out of the totals."""
     rows = (await conn.execute(select(ledger_entries).where(ledger_entries.c.payment_id == payment_id))).all()
     await conn.execute(delete(ledger_entries).where(ledger_entries.c.payment_id == payment_id))
-    for row in rows:
-        at = row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC)
-        await _bump(conn, row.wallet_id, row.agent_id, row.counter, at, -int(row.amount))
+    await _bump(conn, _changes((row._mapping for row in rows), -1))
 
 
-async def _answer(conn: AsyncConnection, wallet_id: str, question: Question) -> Any:
-    kind = question[0]
-    if kind == "total":
-        _, counter, since, until, agent_id = question
-        return await window_total(conn, wallet_id, counter, since, until, agent_id)
-    if kind == "reached":
-        _, counter, since, until, threshold, agent_id = question
-        rows = await conn.stream(
-            select(ledger_entries.c.at, ledger_entries.c.amount)
-            .where(*_window(wallet_id, counter, since, until, agent_id))
-            .order_by(ledger_entries.c.at)
-        )
-        running = 0
-        async for at, amount in rows:
-            running += int(amount)
-            if running >= threshold:
-                await rows.close()
-                return at if at.tzinfo else at.replace(tzinfo=since.tzinfo)
-        return None
-    _, payee = question
-    found = await conn.execute(
-        select(payments.c.id)
-        .where(payments.c.wallet_id == wallet_id, payments.c.payee == payee, payments.c.status.in_(SPENDING))
-        .limit(1)
+async def _reached(conn: AsyncConnection, wallet_id: str, question: Question) -> datetime | None:
+    _, counter, since, until, threshold, agent_id = question
+    rows = await conn.stream(
+        select(ledger_entries.c.at, ledger_entries.c.amount)
+        .where(*_window(wallet_id, counter, since, until, agent_id))
+        .order_by(ledger_entries.c.at)
     )
-    return found.first() is not None
+    running = 0
+    async for at, amount in rows:
+        running += int(amount)
+        if running >= threshold:
+            await rows.close()
+            reached: datetime = at if at.tzinfo else at.replace(tzinfo=since.tzinfo)
+            return reached
+    return None
+
+
+async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question]) -> dict[Question, Any]:
+    """Answer questions: every total and payee question in ONE statement, one column per sum.
+
+    Sums are added here, not in SQL: SQLite's exact sum hands back text for amounts beyond 64 bits.
+    """
+    answers: dict[Question, Any] = {}
+    columns: list[Any] = []
+    shapes: list[tuple[Question, int]] = []
+    for question in questions:
+        kind = question[0]
+        if kind == "reached":
+            answers[question] = await _reached(conn, wallet_id, question)
+        elif kind == "total":
+            _, counter, since, until, agent_id = question
+            parts = _total_parts(conn, wallet_id, counter, since, until, agent_id)
+            columns.extend(part.scalar_subquery() for part in parts)
+            shapes.append((question, len(parts)))
+        else:
+            _, payee = question
+            paid = select(payments.c.id).where(
+                payments.c.wallet_id == wallet_id, payments.c.payee == payee, payments.c.status.in_(SPENDING)
+            )
+            columns.append(exists(paid))
+            shapes.append((question, 1))
+    if columns:
+        row = (await conn.execute(select(*columns))).one()
+        at = 0
+        for question, width in shapes:
+            values = row[at : at + width]
+            at += width
+            if question[0] == "total":
+                answers[question] = sum(int(value or 0) for value in values)
+            else:
+                answers[question] = bool(values[0])
+    return answers
 
 
 async def answered(conn: AsyncConnection, wallet_id: str, judge: Callable[[SpendView], T]) -> T:
@@ -189,8 +237,7 @@ async def answered(conn: AsyncConnection, wallet_id: str, judge: Callable[[Spend
         answer = judge(spend)
         if not spend.missing:
             return answer
-        for question in spend.missing:
-            spend.answers[question] = await _answer(conn, wallet_id, question)
+        spend.answers.update(await _fetch(conn, wallet_id, spend.missing))
     raise RuntimeError("the policy engine kept asking new spend questions")
 
 
