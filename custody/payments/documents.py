@@ -120,11 +120,11 @@ async def current_policy(conn: AsyncConnection, wallet_id: str) -> tuple[int, Po
     ).first()
     if row is None:
         return None
-    return int(row.version), _parsed(row.document)
+    return int(row.version), policy_from_text(row.document)
 
 
 @functools.lru_cache(maxsize=1024)
-def _parsed(document: str) -> Policy:
+def policy_from_text(document: str) -> Policy:
     """Parsing is the costly part of reading a policy; a changed policy is a new text, so never stale."""
     return load_policy(json.loads(document))
 
@@ -180,9 +180,12 @@ async def current_grant(conn: AsyncConnection, agent_id: str, wallet_id: str, po
             )
         )
     ).first()
-    if row is None:
-        return None
+    return None if row is None else grant_from_text(row.document, policy, agent_id)
+
+
+def grant_from_text(document: str, policy: Policy, agent_id: str) -> Grant:
+    """A stored grant, checked against the wallet's current policy (:class:`GrantInvalid` if it no longer fits)."""
     try:
-        return load_grant(json.loads(row.document), policy)
+        return load_grant(json.loads(document), policy)
     except PolicyValidationError:
         raise GrantInvalid(agent_id) from None

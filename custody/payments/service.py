@@ -50,8 +50,9 @@ from custody.errors import (
     PolicyDenied,
     UnsupportedSigningMethod,
 )
+from custody.keys.envelope import KeyEnvelope
 from custody.payments.agents import AgentPrincipal
-from custody.payments.documents import GrantInvalid, current_grant, current_policy
+from custody.payments.documents import GrantInvalid, current_grant, current_policy, grant_from_text, policy_from_text
 from custody.payments.ledger import decide, payments, record, release, remaining
 from custody.payments.models import ApprovalVoteRow, FreezeRow, IdempotencyRow
 from custody.services.context import Context
@@ -481,6 +482,61 @@ async def _submit_claimed(
     return response
 
 
+@dataclass(frozen=True)
+class Standing:
+    """What a decision starts from, read under the wallet's write lock."""
+
+    frozen: str | None
+    policy: str | None
+    grant: str | None
+
+
+async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Standing:
+    """Lock the wallet and read its freezes, current policy and the agent's grant: one statement.
+
+    PostgreSQL locks the wallet's row (``FOR UPDATE OF wallets``); SQLite's transaction holds
+    the database's write lock already (``BEGIN IMMEDIATE``).
+    """
+    from custody.payments.documents import agent_grants, wallet_policies
+    from custody.storage.sql import wallets
+
+    frozen = (
+        select(freezes.c.scope)
+        .where(
+            or_(
+                freezes.c.scope == "all",
+                (freezes.c.scope == "wallet") & (freezes.c.target == wallet_id),
+                (freezes.c.scope == "agent") & (freezes.c.target == agent_id),
+            )
+        )
+        .limit(1)
+        .scalar_subquery()
+    )
+    policy = (
+        select(wallet_policies.c.document)
+        .where(wallet_policies.c.wallet_id == wallet_id)
+        .order_by(wallet_policies.c.version.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    grant = (
+        select(agent_grants.c.document)
+        .where(agent_grants.c.agent_id == agent_id, agent_grants.c.wallet_id == wallet_id)
+        .scalar_subquery()
+    )
+    query = select(frozen.label("frozen"), policy.label("policy"), grant.label("grant")).where(
+        wallets.c.id == wallet_id
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(of=wallets)
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise NotFound("no such wallet")
+    scope = row.frozen
+    frozen_text = None if scope is None else ("everything is frozen" if scope == "all" else f"this {scope} is frozen")
+    return Standing(frozen_text, row.policy, row.grant)
+
+
 async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
     if conn.dialect.name == "postgresql":
         from custody.storage.sql import wallets
@@ -498,9 +554,10 @@ async def _submit(
 ) -> Response:
     agent_id = principal.agent.id
     try:
-        wallet = await ctx.wallets.get(wallet_id) if wallet_id in principal.wallet_ids else None
-        if wallet is None:
+        found = await ctx.wallets.with_envelope(wallet_id) if wallet_id in principal.wallet_ids else None
+        if found is None:
             raise NotFound("no such wallet")
+        wallet, envelope = found
         intent = _intent(method, body, wallet_id, wallet.address, agent_id)
     except CustodyError as error:
         # Requests refused before any decision are recorded too (by code; the body is not kept).
@@ -519,8 +576,8 @@ async def _submit(
     async with ctx.engine.connect() as conn:
         conn = await conn.execution_options(sqlite_immediate=True)
         async with conn.begin():
-            await _locked(conn, wallet_id)
-            frozen = await _frozen(conn, wallet_id, agent_id)
+            standing = await _standing(conn, wallet_id, agent_id)
+            frozen = standing.frozen
             if frozen:
                 # Recorded, and committed, although nothing else happens.
                 await ctx.audit.append_in(
@@ -532,7 +589,7 @@ async def _submit(
                 )
             else:
                 decision = await _decide_and_record(
-                    ctx, conn, payment_id, wallet_id, principal, method, body, intent, now
+                    ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing
                 )
                 # A denial or a pending approval is final: its answer is stored with the decision.
                 denied = _denial(payment_id, decision) if decision.outcome == "deny" else None
@@ -553,7 +610,7 @@ async def _submit(
         ctx.outbox_wake.set()
         return pending
     failpoints.hit("payment.after_reserve")
-    result = await _sign(ctx, payment_id, wallet_id, method, body, claim)
+    result = await _sign(ctx, payment_id, wallet_id, method, body, claim, envelope)
     return Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
 
 
@@ -571,10 +628,11 @@ async def _decide_and_record(
     body: dict[str, Any],
     intent: Intent,
     now: datetime,
+    standing: Standing,
 ) -> Decision:
     """Under the wallet lock: evaluate, record the payment and its reservation, audit the decision."""
     agent_id = principal.agent.id
-    decision = await _evaluate(conn, wallet_id, agent_id, intent, now)
+    decision = await _evaluate(conn, wallet_id, agent_id, intent, now, standing)
     status = {"allow": "reserved", "deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
     expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
     await conn.execute(
@@ -654,16 +712,29 @@ def _pending_body(payment_id: str, decision: Decision, expires_at: datetime | No
     }
 
 
-async def _evaluate(conn: AsyncConnection, wallet_id: str, agent_id: str, intent: Intent, now: datetime) -> Decision:
-    found = await current_policy(conn, wallet_id)
-    if found is None:
+async def _evaluate(
+    conn: AsyncConnection,
+    wallet_id: str,
+    agent_id: str,
+    intent: Intent,
+    now: datetime,
+    standing: Standing | None = None,
+) -> Decision:
+    if standing is None:
+        found = await current_policy(conn, wallet_id)
+        policy = found[1] if found is not None else None
+    else:
+        policy = policy_from_text(standing.policy) if standing.policy is not None else None
+    if policy is None:
         return Decision(
             outcome="deny",
             reasons=(Reason(code="no_policy", rule_id="-", message="this wallet has no policy: it signs nothing"),),
         )
-    _, policy = found
     try:
-        grant = await current_grant(conn, agent_id, wallet_id, policy)
+        if standing is None:
+            grant = await current_grant(conn, agent_id, wallet_id, policy)
+        else:
+            grant = grant_from_text(standing.grant, policy, agent_id) if standing.grant is not None else None
     except GrantInvalid:
         # Fail closed: the narrowing the operator meant can no longer be applied.
         message = "this agent's grant no longer fits the wallet's policy; an operator must set it again"
@@ -696,6 +767,7 @@ async def _sign(
     method: str,
     body: Mapping[str, Any],
     claim: Claim | None = None,
+    envelope: KeyEnvelope | None = None,
 ) -> dict[str, Any]:
     """Sign a reserved payment; on failure release the reservation and re-raise.
 
@@ -704,7 +776,8 @@ async def _sign(
     """
     started = time.perf_counter()
     try:
-        envelope = await ctx.wallets.envelope(wallet_id)
+        if envelope is None:
+            envelope = await ctx.wallets.envelope(wallet_id)
         if envelope is None:
             raise NotFound("no such wallet")
         if method == "transaction":
