@@ -374,19 +374,23 @@ class AuditLog:
         prev_hash = str(head.hash)
         digest = event_hash(seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash)
         try:
-            await conn.execute(
-                insert(audit_events).values(
-                    seq=seq,
-                    at=at,
-                    kind=kind,
-                    actor=actor,
-                    subject=subject,
-                    data=data_text,
-                    prev_hash=prev_hash,
-                    hash=digest,
-                )
+            record = insert(audit_events).values(
+                seq=seq,
+                at=at,
+                kind=kind,
+                actor=actor,
+                subject=subject,
+                data=data_text,
+                prev_hash=prev_hash,
+                hash=digest,
             )
-            await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest))
+            advance = update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest)
+            if conn.dialect.name == "postgresql":
+                # One round trip: the record and the head move in one statement (a data-modifying CTE).
+                await conn.execute(advance.add_cte(record.cte("record")))
+            else:
+                await conn.execute(record)
+                await conn.execute(advance)
         except DBAPIError as error:
             if is_database_outage(error):
                 raise
