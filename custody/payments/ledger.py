@@ -14,11 +14,12 @@ window reads at most 720 bucket rows, however many payments it holds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, delete, exists, func, insert, literal_column, select
+from sqlalchemy import Table, bindparam, delete, exists, func, insert, literal_column, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -85,36 +86,60 @@ def _ceil(at: datetime) -> datetime:
     return floor if floor == at else floor + BUCKET
 
 
-def _sum(conn: AsyncConnection, column: Any) -> Any:
-    return func.custody_sum(column) if conn.dialect.name == "sqlite" else func.sum(column)
+def _sum(dialect: str, column: Any) -> Any:
+    return func.custody_sum(column) if dialect == "sqlite" else func.sum(column)
 
 
-def _entries_sum(
-    conn: AsyncConnection, wallet_id: str, counter: str, since: datetime, until: datetime, agent_id: str | None
-) -> Any:
-    return select(_sum(conn, ledger_entries.c.amount)).where(*_window(wallet_id, counter, since, until, agent_id))
-
-
-def _total_parts(
-    conn: AsyncConnection, wallet_id: str, counter: str, since: datetime, until: datetime, agent_id: str | None
-) -> list[Any]:
-    """The sums that add up to a window's total: edge hours from entries, whole hours from buckets."""
-    inner_start, inner_end = _ceil(since), _floor(until)
-    if inner_start >= inner_end:
-        return [_entries_sum(conn, wallet_id, counter, since, until, agent_id)]
+def _entries_sum(dialect: str, n: int, since: str, until: str, scoped: bool) -> Any:
     conditions = [
-        ledger_buckets.c.wallet_id == wallet_id,
-        ledger_buckets.c.counter == counter,
-        ledger_buckets.c.bucket >= inner_start,
-        ledger_buckets.c.bucket < inner_end,
+        ledger_entries.c.wallet_id == bindparam("wallet"),
+        ledger_entries.c.counter == bindparam(f"c{n}"),
+        ledger_entries.c.at >= bindparam(since),
+        ledger_entries.c.at < bindparam(until),
     ]
-    if agent_id is not None:
-        conditions.append(ledger_buckets.c.agent_id == agent_id)
+    if scoped:
+        conditions.append(ledger_entries.c.agent_id == bindparam(f"a{n}"))
+    return select(_sum(dialect, ledger_entries.c.amount)).where(*conditions).scalar_subquery()
+
+
+def _total_columns(dialect: str, n: int, scoped: bool, split: bool) -> list[Any]:
+    """The sums that add up to window ``n``: edge hours from entries, whole hours from buckets."""
+    if not split:
+        return [_entries_sum(dialect, n, f"s{n}", f"u{n}", scoped)]
+    conditions = [
+        ledger_buckets.c.wallet_id == bindparam("wallet"),
+        ledger_buckets.c.counter == bindparam(f"c{n}"),
+        ledger_buckets.c.bucket >= bindparam(f"is{n}"),
+        ledger_buckets.c.bucket < bindparam(f"iu{n}"),
+    ]
+    if scoped:
+        conditions.append(ledger_buckets.c.agent_id == bindparam(f"a{n}"))
     return [
-        _entries_sum(conn, wallet_id, counter, since, inner_start, agent_id),
-        select(_sum(conn, ledger_buckets.c.amount)).where(*conditions),
-        _entries_sum(conn, wallet_id, counter, inner_end, until, agent_id),
+        _entries_sum(dialect, n, f"s{n}", f"is{n}", scoped),
+        select(_sum(dialect, ledger_buckets.c.amount)).where(*conditions).scalar_subquery(),
+        _entries_sum(dialect, n, f"iu{n}", f"u{n}", scoped),
     ]
+
+
+# A question's shape: ("total", agent-scoped, split into hours) or ("paid",).
+Shape = tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _statement(dialect: str, shapes: tuple[Shape, ...]) -> Any:
+    """One SELECT that answers every question of these shapes, built once (values are bound at execution)."""
+    columns: list[Any] = []
+    for n, shape in enumerate(shapes):
+        if shape[0] == "total":
+            columns.extend(_total_columns(dialect, n, shape[1], shape[2]))
+        else:
+            paid = select(payments.c.id).where(
+                payments.c.wallet_id == bindparam("wallet"),
+                payments.c.payee == bindparam(f"p{n}"),
+                payments.c.status.in_(SPENDING),
+            )
+            columns.append(exists(paid))
+    return select(*columns)
 
 
 async def window_total(
@@ -198,28 +223,34 @@ async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question
     Sums are added here, not in SQL: SQLite's exact sum hands back text for amounts beyond 64 bits.
     """
     answers: dict[Question, Any] = {}
-    columns: list[Any] = []
-    shapes: list[tuple[Question, int]] = []
+    asked: list[tuple[Question, int]] = []
+    shapes: list[Shape] = []
+    params: dict[str, Any] = {"wallet": wallet_id}
     for question in questions:
         kind = question[0]
         if kind == "reached":
             answers[question] = await _reached(conn, wallet_id, question)
-        elif kind == "total":
+            continue
+        n = len(shapes)
+        if kind == "total":
             _, counter, since, until, agent_id = question
-            parts = _total_parts(conn, wallet_id, counter, since, until, agent_id)
-            columns.extend(part.scalar_subquery() for part in parts)
-            shapes.append((question, len(parts)))
+            inner_start, inner_end = _ceil(since), _floor(until)
+            split = inner_start < inner_end
+            params |= {f"c{n}": counter, f"s{n}": since, f"u{n}": until}
+            if split:
+                params |= {f"is{n}": inner_start, f"iu{n}": inner_end}
+            if agent_id is not None:
+                params[f"a{n}"] = agent_id
+            shapes.append(("total", agent_id is not None, split))
+            asked.append((question, 3 if split else 1))
         else:
-            _, payee = question
-            paid = select(payments.c.id).where(
-                payments.c.wallet_id == wallet_id, payments.c.payee == payee, payments.c.status.in_(SPENDING)
-            )
-            columns.append(exists(paid))
-            shapes.append((question, 1))
-    if columns:
-        row = (await conn.execute(select(*columns))).one()
+            params[f"p{n}"] = question[1]
+            shapes.append(("paid",))
+            asked.append((question, 1))
+    if shapes:
+        row = (await conn.execute(_statement(conn.dialect.name, tuple(shapes)), params)).one()
         at = 0
-        for question, width in shapes:
+        for question, width in asked:
             values = row[at : at + width]
             at += width
             if question[0] == "total":
