@@ -12,16 +12,18 @@ bare component name, and :meth:`AuditLog.append` refuses ``data`` with keys that
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import IO, Any, Final
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import LargeBinary, Table, cast, func, insert, select, update
+from sqlalchemy import LargeBinary, Table, bindparam, cast, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -307,6 +309,27 @@ class _Raw:
         return None
 
 
+@dataclass(frozen=True)
+class _Statements:
+    take_lock: Any
+    head: Any
+    write: tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _statements(dialect: str) -> _Statements:
+    """An append's statements, built once per dialect (values are bound at execution)."""
+    names = ("seq", "at", "kind", "actor", "subject", "data", "prev_hash", "hash")
+    record = insert(audit_events).values({name: bindparam(name) for name in names})
+    advance = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
+    head = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
+    if dialect == "postgresql":
+        # One round trip: the record and the head move in one statement (a data-modifying CTE).
+        return _Statements(None, head, (advance.add_cte(record.cte("record")),))
+    take_lock = update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq)
+    return _Statements(take_lock, head, (record, advance))
+
+
 class AuditLog:
     """The audit log over the service's database (tables from migration 0002)."""
 
@@ -360,37 +383,29 @@ class AuditLog:
         data: dict[str, Any],
         data_text: str,
     ) -> AuditEvent:
-        if conn.dialect.name == "sqlite":
+        statements = _statements(conn.dialect.name)
+        if statements.take_lock is not None:
             # Take SQLite's write lock before reading the head, so two appends never read the same head.
-            await conn.execute(update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq))
-        head = (
-            await conn.execute(
-                select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
-            )
-        ).first()
+            await conn.execute(statements.take_lock)
+        head = (await conn.execute(statements.head)).first()
         if head is None:
             raise AuditTampered("the audit chain head (audit_head id 1) is missing; run `custody audit verify`")
         seq = int(head.seq) + 1
         prev_hash = str(head.hash)
         digest = event_hash(seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash)
+        values = {
+            "seq": seq,
+            "at": at,
+            "kind": kind,
+            "actor": actor,
+            "subject": subject,
+            "data": data_text,
+            "prev_hash": prev_hash,
+            "hash": digest,
+        }
         try:
-            record = insert(audit_events).values(
-                seq=seq,
-                at=at,
-                kind=kind,
-                actor=actor,
-                subject=subject,
-                data=data_text,
-                prev_hash=prev_hash,
-                hash=digest,
-            )
-            advance = update(audit_head).where(audit_head.c.id == 1).values(seq=seq, hash=digest)
-            if conn.dialect.name == "postgresql":
-                # One round trip: the record and the head move in one statement (a data-modifying CTE).
-                await conn.execute(advance.add_cte(record.cte("record")))
-            else:
-                await conn.execute(record)
-                await conn.execute(advance)
+            for statement in statements.write:
+                await conn.execute(statement, values)
         except DBAPIError as error:
             if is_database_outage(error):
                 raise

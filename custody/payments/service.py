@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import secrets
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Table, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -491,15 +492,13 @@ class Standing:
     grant: str | None
 
 
-async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Standing:
-    """Lock the wallet and read its freezes, current policy and the agent's grant: one statement.
-
-    PostgreSQL locks the wallet's row (``FOR UPDATE OF wallets``); SQLite's transaction holds
-    the database's write lock already (``BEGIN IMMEDIATE``).
-    """
+@functools.lru_cache(maxsize=4)
+def _standing_statement(dialect: str) -> Any:
     from custody.payments.documents import agent_grants, wallet_policies
     from custody.storage.sql import wallets
 
+    wallet_id: Any = bindparam("wallet")
+    agent_id: Any = bindparam("agent")
     frozen = (
         select(freezes.c.scope)
         .where(
@@ -527,9 +526,17 @@ async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Sta
     query = select(frozen.label("frozen"), policy.label("policy"), grant.label("grant")).where(
         wallets.c.id == wallet_id
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(of=wallets)
-    row = (await conn.execute(query)).first()
+    return query.with_for_update(of=wallets) if dialect == "postgresql" else query
+
+
+async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Standing:
+    """Lock the wallet and read its freezes, current policy and the agent's grant: one statement.
+
+    PostgreSQL locks the wallet's row (``FOR UPDATE OF wallets``); SQLite's transaction holds
+    the database's write lock already (``BEGIN IMMEDIATE``).
+    """
+    statement = _standing_statement(conn.dialect.name)
+    row = (await conn.execute(statement, {"wallet": wallet_id, "agent": agent_id})).first()
     if row is None:
         raise NotFound("no such wallet")
     scope = row.frozen
