@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eth_account.signers.local import LocalAccount
-
 from custody import failpoints
 from custody.errors import CustodyError, InvalidRequest, SignerSealed
 from custody.keys import envelope as env
@@ -84,7 +82,7 @@ class SignerCore:
         self.source = source
         self._kek: KeyEncryptionKey | None = None
         self.sealed_reason: str | None = None
-        self._accounts: OrderedDict[tuple[str, int, bytes], LocalAccount] = OrderedDict()
+        self._accounts: OrderedDict[tuple[str, int, bytes], evm.EvmKey] = OrderedDict()
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "status": self.status,
             "create_key": self.create_key,
@@ -147,11 +145,10 @@ class SignerCore:
             "pid": os.getpid(),
         }
 
-    def _describe(self, sealed: env.KeyEnvelope, account: LocalAccount) -> dict[str, Any]:
-        public_key = account._key_obj.public_key.to_bytes()
+    def _describe(self, sealed: env.KeyEnvelope, key: evm.EvmKey) -> dict[str, Any]:
         return {
-            "address": account.address,
-            "public_key": "0x04" + public_key.hex(),
+            "address": key.address,
+            "public_key": "0x04" + key.public_key.hex(),
             "envelope": envelope_to_wire(sealed),
         }
 
@@ -162,7 +159,7 @@ class SignerCore:
         if not isinstance(wallet_id, str) or not wallet_id or not isinstance(key_version, int):
             raise InvalidRequest("wallet_id and key_version are required")
         sealed = env.seal(kek, wallet_id, key_version, private_key)
-        return self._describe(sealed, evm.account_for(private_key))
+        return self._describe(sealed, evm.EvmKey(private_key))
 
     def create_key(self, request: dict[str, Any]) -> dict[str, Any]:
         return self._seal_new(request, env.generate_private_key())
@@ -176,7 +173,7 @@ class SignerCore:
             raise InvalidRequest("the imported key is not a valid secp256k1 private key")
         return self._seal_new(request, private_key)
 
-    def _account(self, request: dict[str, Any]) -> LocalAccount:
+    def _account(self, request: dict[str, Any]) -> evm.EvmKey:
         kek = self._require_kek()
         try:
             sealed = envelope_from_wire(request.get("envelope"))
@@ -190,7 +187,7 @@ class SignerCore:
         cache_key = (sealed.wallet_id, sealed.key_version, digest)
         account = self._accounts.get(cache_key)
         if account is None:
-            account = evm.account_for(env.open_envelope(kek, sealed))
+            account = evm.EvmKey(env.open_envelope(kek, sealed))
             self._accounts[cache_key] = account
             if len(self._accounts) > CACHE_SIZE:
                 self._accounts.popitem(last=False)
@@ -200,7 +197,7 @@ class SignerCore:
 
     def public_key(self, request: dict[str, Any]) -> dict[str, Any]:
         account = self._account(request)
-        return {"address": account.address, "public_key": "0x04" + account._key_obj.public_key.to_bytes().hex()}
+        return {"address": account.address, "public_key": "0x04" + account.public_key.hex()}
 
     def sign_transaction(self, request: dict[str, Any]) -> dict[str, Any]:
         account = self._account(request)
@@ -271,7 +268,8 @@ async def _serve_connection(core: SignerCore, reader: asyncio.StreamReader, writ
                 log.error("signer operation failed: %s", type(exc).__name__)
                 reply = {"ok": False, "error": {"code": "internal_error", "detail": "signer internal error"}}
             if request.get("op") != "status":
-                log.info(
+                log.log(
+                    logging.DEBUG if reply["ok"] else logging.INFO,
                     "op=%s wallet=%s ok=%s",
                     request.get("op"),
                     (request.get("envelope") or {}).get("wallet_id")
