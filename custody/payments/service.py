@@ -58,7 +58,7 @@ from custody.payments.ledger import decide, payments, record, release, remaining
 from custody.payments.models import ApprovalVoteRow, FreezeRow, IdempotencyRow
 from custody.services.context import Context
 from custody.signer import evm
-from custody.storage.db import write_transaction
+from custody.storage.db import reading, write_transaction
 from custody.storage.interfaces import Operator
 from custody.storage.types import as_utc
 from custody.webhooks import outbox
@@ -68,6 +68,7 @@ Method = Literal["transaction", "typed_data", "message"]
 idempotency_keys: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
 approval_votes: Table = ApprovalVoteRow.__table__  # type: ignore[attr-defined]
 freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
+_INSERT_CLAIM = insert(idempotency_keys)
 APPROVAL_TTL = timedelta(hours=24)
 IDEMPOTENCY_WAIT = 10.0
 
@@ -244,13 +245,19 @@ def _body_hash(wallet_id: str, method: str, body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Claim:
-    """This request's hold on an Idempotency-Key; ``owner`` fences out a superseded attempt."""
+    """This request's hold on an Idempotency-Key; ``owner`` fences out a superseded attempt.
+
+    The claim's row is written in the decision's own transaction (first, before the wallet
+    lock), so a payment and its claim commit together; ``stored`` says that has happened.
+    """
 
     agent_id: str
     key: str
     owner: str
+    body_hash: str = ""
+    stored: bool = False
 
     def where(self) -> Any:
         return (
@@ -264,49 +271,50 @@ def _lease(ctx: Context) -> timedelta:
     return timedelta(seconds=ctx.settings.reservation_lease_seconds)
 
 
-async def _claim(ctx: Context, agent_id: str, key: str, body_hash: str) -> Claim | Response:
-    """Claim ``key`` for this request, or return the response already given for it.
+class ClaimTaken(Exception):
+    """Another request holds (or held) this Idempotency-Key: its answer is this request's answer."""
+
+
+async def _insert_claim(conn: AsyncConnection, claim: Claim, payment_id: str | None, response: Response | None) -> None:
+    values: dict[str, Any] = {
+        "agent_id": claim.agent_id,
+        "key": claim.key,
+        "body_hash": claim.body_hash,
+        "created_at": _now(),
+        "owner": claim.owner,
+        "payment_id": payment_id,
+    }
+    if response is not None:
+        values |= {"status_code": response.status_code, "response": json.dumps(response.body)}
+    try:
+        await conn.execute(_INSERT_CLAIM, values)
+    except IntegrityError:
+        raise ClaimTaken from None
+
+
+async def _answer_for(ctx: Context, claim: Claim, deadline: float) -> Response | None:
+    """The response already given (or being given) for a taken key; None when the key is free again.
 
     A claim that was never answered and is older than the reservation lease belongs to a
     request whose process died: it is resolved from its payment (see :func:`_recover_claim`).
     """
-    owner = secrets.token_hex(16)
-    deadline = asyncio.get_running_loop().time() + IDEMPOTENCY_WAIT
+    where = (idempotency_keys.c.agent_id == claim.agent_id) & (idempotency_keys.c.key == claim.key)
     while True:
-        try:
-            async with ctx.engine.begin() as conn:
-                await conn.execute(
-                    insert(idempotency_keys).values(
-                        agent_id=agent_id, key=key, body_hash=body_hash, created_at=_now(), owner=owner
-                    )
-                )
-            return Claim(agent_id, key, owner)
-        except IntegrityError:
-            pass
-        async with ctx.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(idempotency_keys).where(
-                        idempotency_keys.c.agent_id == agent_id, idempotency_keys.c.key == key
-                    )
-                )
-            ).first()
+        async with reading(ctx.engine) as conn:
+            row = (await conn.execute(select(idempotency_keys).where(where))).first()
         if row is None:
-            continue  # released by a failed attempt a moment ago: claim it again
-        if row.body_hash != body_hash:
+            return None  # released by a failed attempt a moment ago: claim it again
+        if row.body_hash != claim.body_hash:
             raise IdempotencyConflict("this Idempotency-Key was used for a different request")
         if row.status_code is not None:
             return Response(int(row.status_code), json.loads(row.response))
         created = as_utc(row.created_at) or _now()
         if _now() - created > _lease(ctx):
-            replay = await _recover_claim(ctx, row.agent_id, row.key, row.owner)
-            if replay is not None:
-                return replay
-            continue
+            return await _recover_claim(ctx, row.agent_id, row.key, row.owner)
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise Conflict("a request with this Idempotency-Key is still being processed")
-        async with ctx.shared.waiter(f"idem:{agent_id}:{key}") as answered:
+        async with ctx.shared.waiter(f"idem:{claim.agent_id}:{claim.key}") as answered:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(answered.wait(), min(left, 0.05))
 
@@ -350,9 +358,9 @@ async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | Non
 
 
 async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, response: Response | None = None) -> None:
-    """In the decision's transaction: tie the claim to its payment (and its final answer).
+    """In a payment's transaction: tie the claim to its payment (and its final answer).
 
-    If a retry took the claim over meanwhile, this attempt must not decide anything.
+    If a retry took the claim over meanwhile, this attempt must not record anything.
     """
     if claim is None:
         return
@@ -371,6 +379,13 @@ async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None
     not be recorded): a retry must not find its own earlier attempt counted against it. If
     the database is down, neither happens and the claim resolves through the lease.
     """
+    if not claim.stored:
+        # Nothing was decided: a refusal is stored for replays, anything else leaves no trace.
+        if response is not None:
+            with contextlib.suppress(ClaimTaken):
+                async with ctx.engine.begin() as conn:
+                    await _insert_claim(conn, claim, None, response)
+        return
     where = claim.where() & idempotency_keys.c.status_code.is_(None)
     if response is None:
         async with write_transaction(ctx.engine) as conn:
@@ -456,13 +471,20 @@ async def submit(
         return await _submit(ctx, principal, wallet_id, method, body)
     if not 0 < len(idempotency_key) <= 200:
         raise InvalidRequest("Idempotency-Key must be 1-200 characters")
-    claim = await _claim(ctx, principal.agent.id, idempotency_key, _body_hash(wallet_id, method, body))
-    if isinstance(claim, Response):
-        return claim
+    agent_id, body_hash = principal.agent.id, _body_hash(wallet_id, method, body)
+    deadline = asyncio.get_running_loop().time() + IDEMPOTENCY_WAIT
     try:
-        return await _submit_claimed(ctx, principal, wallet_id, method, body, claim)
+        while True:
+            claim = Claim(agent_id, idempotency_key, secrets.token_hex(16), body_hash)
+            try:
+                return await _submit_claimed(ctx, principal, wallet_id, method, body, claim)
+            except ClaimTaken:
+                pass
+            answer = await _answer_for(ctx, claim, deadline)
+            if answer is not None:
+                return answer
     finally:
-        await ctx.shared.wake(f"idem:{claim.agent_id}:{claim.key}")  # replays waiting on this key
+        await ctx.shared.wake(f"idem:{agent_id}:{idempotency_key}")  # replays waiting on this key
 
 
 async def _submit_claimed(
@@ -470,6 +492,8 @@ async def _submit_claimed(
 ) -> Response:
     try:
         response = await _submit(ctx, principal, wallet_id, method, body, claim)
+    except ClaimTaken:
+        raise
     except (DependencyUnavailable, Frozen):
         await _settle(ctx, claim, None)  # transient: a retry may succeed
         raise
@@ -583,9 +607,15 @@ async def _submit(
     async with ctx.engine.connect() as conn:
         conn = await conn.execution_options(sqlite_immediate=True)
         async with conn.begin():
+            if claim is not None:
+                # First, so a twin request waits here (or fails) before it locks anything.
+                await _insert_claim(conn, claim, payment_id, None)
             standing = await _standing(conn, wallet_id, agent_id)
             frozen = standing.frozen
             if frozen:
+                if claim is not None:
+                    # Not an answer to keep: the same request may succeed once unfrozen.
+                    await conn.execute(delete(idempotency_keys).where(claim.where()))
                 # Recorded, and committed, although nothing else happens.
                 await ctx.audit.append_in(
                     conn,
@@ -606,7 +636,10 @@ async def _submit(
                     else None
                 )
                 final = Response(denied.status, denied.to_problem()) if denied is not None else pending
-                await _bind(conn, claim, payment_id, final)
+                if final is not None:
+                    await _bind(conn, claim, payment_id, final)
+        if claim is not None and not frozen:
+            claim.stored = True
     if frozen:
         ctx.metrics.refused("frozen", started)
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
