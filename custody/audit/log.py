@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from custody.audit.models import AuditEventRow, AuditHeadRow
 from custody.errors import AuditUnavailable, CustodyError
-from custody.storage.db import is_database_outage
+from custody.storage.db import is_database_outage, write_transaction
 
 GENESIS_HASH: Final = "0" * 64
 """The ``prev_hash`` of the first record (and the head's hash while the log is empty)."""
@@ -347,11 +347,8 @@ class AuditLog:
     ) -> AuditEvent:
         """Record one event in its own transaction."""
         prepared = _prepare(kind, actor, subject, data, at)
-        async with self.engine.connect() as conn:
-            # On SQLite (where the engine honours it) take the write lock at BEGIN; ignored elsewhere.
-            conn = await conn.execution_options(sqlite_immediate=True)
-            async with conn.begin():
-                return await self._append(conn, kind, actor, subject, *prepared)
+        async with write_transaction(self.engine) as conn:
+            return await self._append(conn, kind, actor, subject, *prepared)
 
     async def append_in(
         self,

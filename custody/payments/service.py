@@ -604,42 +604,40 @@ async def _submit(
     started = time.perf_counter()
     denied: PolicyDenied | None = None
     pending: Response | None = None
-    async with ctx.engine.connect() as conn:
-        conn = await conn.execution_options(sqlite_immediate=True)
-        async with conn.begin():
+    async with write_transaction(ctx.engine) as conn:
+        if claim is not None:
+            # First, so a twin request waits here (or fails) before it locks anything.
+            await _insert_claim(conn, claim, payment_id, None)
+        standing = await _standing(conn, wallet_id, agent_id)
+        frozen = standing.frozen
+        if frozen:
             if claim is not None:
-                # First, so a twin request waits here (or fails) before it locks anything.
-                await _insert_claim(conn, claim, payment_id, None)
-            standing = await _standing(conn, wallet_id, agent_id)
-            frozen = standing.frozen
-            if frozen:
-                if claim is not None:
-                    # Not an answer to keep: the same request may succeed once unfrozen.
-                    await conn.execute(delete(idempotency_keys).where(claim.where()))
-                # Recorded, and committed, although nothing else happens.
-                await ctx.audit.append_in(
-                    conn,
-                    "payment.refused",
-                    actor=f"agent:{agent_id}",
-                    subject=wallet_id,
-                    data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
-                )
-            else:
-                decision = await _decide_and_record(
-                    ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing
-                )
-                # A denial or a pending approval is final: its answer is stored with the decision.
-                denied = _denial(payment_id, decision) if decision.outcome == "deny" else None
-                pending = (
-                    Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
-                    if decision.outcome == "needs_approval"
-                    else None
-                )
-                final = Response(denied.status, denied.to_problem()) if denied is not None else pending
-                if final is not None:
-                    await _bind(conn, claim, payment_id, final)
-        if claim is not None and not frozen:
-            claim.stored = True
+                # Not an answer to keep: the same request may succeed once unfrozen.
+                await conn.execute(delete(idempotency_keys).where(claim.where()))
+            # Recorded, and committed, although nothing else happens.
+            await ctx.audit.append_in(
+                conn,
+                "payment.refused",
+                actor=f"agent:{agent_id}",
+                subject=wallet_id,
+                data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
+            )
+        else:
+            decision = await _decide_and_record(
+                ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing
+            )
+            # A denial or a pending approval is final: its answer is stored with the decision.
+            denied = _denial(payment_id, decision) if decision.outcome == "deny" else None
+            pending = (
+                Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
+                if decision.outcome == "needs_approval"
+                else None
+            )
+            final = Response(denied.status, denied.to_problem()) if denied is not None else pending
+            if final is not None:
+                await _bind(conn, claim, payment_id, final)
+    if claim is not None and not frozen:
+        claim.stored = True
     if frozen:
         ctx.metrics.refused("frozen", started)
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
