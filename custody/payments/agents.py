@@ -14,7 +14,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Table, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from custody.errors import Conflict, InvalidRequest, NotFound, Unauthorized
@@ -153,6 +153,13 @@ async def revoke_key(ctx: Context, agent_id: str, key_id: str, actor: str) -> No
         raise NotFound("no such active key")
 
 
+_KEY_LOOKUP = (
+    select(agent_keys, agents.c.name, agents.c.created_at.label("agent_created"))
+    .join(agents, agents.c.id == agent_keys.c.agent_id)
+    .where(agent_keys.c.id == bindparam("key"))
+)
+
+
 async def authenticate(ctx: Context, token: str | None) -> AgentPrincipal:
     if not token:
         raise Unauthorized("an agent API key is required (Authorization: Bearer cak....)")
@@ -161,13 +168,7 @@ async def authenticate(ctx: Context, token: str | None) -> AgentPrincipal:
     row = None
     if prefix == KEY_PREFIX and key_id:
         async with reading(ctx.engine) as conn:
-            row = (
-                await conn.execute(
-                    select(agent_keys, agents.c.name, agents.c.created_at.label("agent_created"))
-                    .join(agents, agents.c.id == agent_keys.c.agent_id)
-                    .where(agent_keys.c.id == key_id)
-                )
-            ).first()
+            row = (await conn.execute(_KEY_LOOKUP, {"key": key_id})).first()
     expected = row.secret_hash if row is not None else _DUMMY
     matches = hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), expected)
     now = datetime.now(UTC)

@@ -68,7 +68,25 @@ Method = Literal["transaction", "typed_data", "message"]
 idempotency_keys: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
 approval_votes: Table = ApprovalVoteRow.__table__  # type: ignore[attr-defined]
 freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
+# Statements of the payment path, built once (constructing one costs about as much as running it).
 _INSERT_CLAIM = insert(idempotency_keys)
+_INSERT_PAYMENT = insert(payments)
+_RECORD_SIGNED = (
+    update(payments)
+    .where(payments.c.id == bindparam("payment"), payments.c.status == "reserved")
+    .values(status="signed", result=bindparam("result"), updated_at=bindparam("now"))
+)
+_CLAIM_ROW = (
+    (idempotency_keys.c.agent_id == bindparam("agent"))
+    & (idempotency_keys.c.key == bindparam("idempotency_key"))
+    & (idempotency_keys.c.owner == bindparam("claim_owner"))
+)
+_BIND = update(idempotency_keys).where(_CLAIM_ROW).values(payment_id=bindparam("payment"))
+_BIND_ANSWER = (
+    update(idempotency_keys)
+    .where(_CLAIM_ROW)
+    .values(payment_id=bindparam("payment"), status_code=bindparam("status_code"), response=bindparam("response"))
+)
 APPROVAL_TTL = timedelta(hours=24)
 IDEMPOTENCY_WAIT = 10.0
 
@@ -364,10 +382,17 @@ async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, res
     """
     if claim is None:
         return
-    values: dict[str, Any] = {"payment_id": payment_id}
-    if response is not None:
+    values: dict[str, Any] = {
+        "agent": claim.agent_id,
+        "idempotency_key": claim.key,
+        "claim_owner": claim.owner,
+        "payment": payment_id,
+    }
+    if response is None:
+        result = await conn.execute(_BIND, values)
+    else:
         values |= {"status_code": response.status_code, "response": json.dumps(response.body)}
-    result = await conn.execute(update(idempotency_keys).where(claim.where()).values(**values))
+        result = await conn.execute(_BIND_ANSWER, values)
     if result.rowcount != 1:
         raise Conflict("a retry with this Idempotency-Key took over this request")
 
@@ -433,9 +458,7 @@ async def recover_interrupted(ctx: Context) -> int:
     async with ctx.engine.connect() as conn:
         stale = (
             await conn.execute(
-                select(payments.c.id)
-                .where(payments.c.status == "reserved", payments.c.updated_at < cutoff)
-                .limit(500)
+                select(payments.c.id).where(payments.c.status == "reserved", payments.c.updated_at < cutoff).limit(500)
             )
         ).all()
     released = 0
@@ -674,22 +697,23 @@ async def _decide_and_record(
     status = {"allow": "reserved", "deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
     expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
     await conn.execute(
-        insert(payments).values(
-            id=payment_id,
-            wallet_id=wallet_id,
-            agent_id=agent_id,
-            key_id=principal.key_id,
-            method=method,
-            request=json.dumps(body),
-            payee=intent.payee,
-            status=status,
-            decision=_decision_json(decision),
-            quorum_group=decision.quorum.group if decision.quorum else None,
-            quorum_m=decision.quorum.m if decision.quorum else None,
-            created_at=now,
-            updated_at=now,
-            expires_at=expires_at,
-        )
+        _INSERT_PAYMENT,
+        {
+            "id": payment_id,
+            "wallet_id": wallet_id,
+            "agent_id": agent_id,
+            "key_id": principal.key_id,
+            "method": method,
+            "request": json.dumps(body),
+            "payee": intent.payee,
+            "status": status,
+            "decision": _decision_json(decision),
+            "quorum_group": decision.quorum.group if decision.quorum else None,
+            "quorum_m": decision.quorum.m if decision.quorum else None,
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": expires_at,
+        },
     )
     if decision.outcome == "allow":
         await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
@@ -854,9 +878,7 @@ async def _record_signature(
 ) -> None:
     async with write_transaction(ctx.engine) as conn:
         recorded = await conn.execute(
-            update(payments)
-            .where(payments.c.id == payment_id, payments.c.status == "reserved")
-            .values(status="signed", result=json.dumps(result), updated_at=_now())
+            _RECORD_SIGNED, {"payment": payment_id, "result": json.dumps(result), "now": _now()}
         )
         if recorded.rowcount != 1:
             raise DependencyUnavailable("this payment was interrupted and released; nothing was signed for it")

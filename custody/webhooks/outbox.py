@@ -128,11 +128,14 @@ async def list_deliveries(engine: AsyncEngine, status: str | None = None) -> lis
         ]
 
 
+_HOOKS = select(webhooks.c.id, webhooks.c.events)
+
+
 async def enqueue(conn: AsyncConnection, event: str, data: dict[str, Any], now: datetime) -> None:
     """Queue ``event`` for every webhook that wants it, inside the caller's transaction."""
     assert event in EVENTS
     rows = []
-    for hook in await conn.execute(select(webhooks.c.id, webhooks.c.events)):
+    for hook in await conn.execute(_HOOKS):
         wanted = json.loads(hook.events)
         if wanted and event not in wanted:
             continue
