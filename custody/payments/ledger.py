@@ -150,73 +150,39 @@ async def window_total(
     return int(answers[("total", counter, since, until, agent_id)])
 
 
-_ENTRY_COLUMNS = ("payment_id", "wallet_id", "agent_id", "counter", "amount", "at")
-_BUCKET_COLUMNS = ("wallet_id", "agent_id", "counter", "bucket", "amount")
+@functools.lru_cache(maxsize=4)
+def _upsert(dialect: str) -> Any:
+    """Add to one hourly total (run with many parameter sets): built once, so its compiled form is cached.
 
-
-def _upsert(dialect: str, values: list[dict[str, Any]]) -> Any:
+    (A multi-row VALUES statement would save a round trip, but SQLAlchemy compiles it afresh every
+    time, which costs more than the round trip.)
+    """
     keys = ["wallet_id", "counter", "agent_id", "bucket"]
     if dialect == "postgresql":
-        pg = postgresql.insert(ledger_buckets).values(values)
+        pg = postgresql.insert(ledger_buckets)
         return pg.on_conflict_do_update(
             # Written out: the column's Python-side type is text-backed, and would make "+" a concatenation.
             index_elements=keys,
             set_={"amount": literal_column("ledger_buckets.amount + excluded.amount")},
         )
-    lite = sqlite.insert(ledger_buckets).values(values)
+    lite = sqlite.insert(ledger_buckets)
     return lite.on_conflict_do_update(
         index_elements=keys, set_={"amount": func.custody_add(ledger_buckets.c.amount, lite.excluded.amount)}
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _writes(dialect: str, entries: int, buckets: int) -> tuple[Any, ...]:
-    """Statements that add ``entries`` ledger rows and move ``buckets`` hourly totals, built once per size.
-
-    Parameters are named ``e<i>_<column>`` and ``b<i>_<column>``. On PostgreSQL it is one
-    statement (the entries in a data-modifying CTE); on SQLite two.
-    """
-    statements: list[Any] = []
-    if buckets:
-        totals: list[dict[str, Any]] = [
-            {name: bindparam(f"b{i}_{name}", type_=ledger_buckets.c[name].type) for name in _BUCKET_COLUMNS}
-            for i in range(buckets)
-        ]
-        statements.append(_upsert(dialect, totals))
-    if entries:
-        rows: list[dict[str, Any]] = [
-            {name: bindparam(f"e{i}_{name}", type_=ledger_entries.c[name].type) for name in _ENTRY_COLUMNS}
-            for i in range(entries)
-        ]
-        insert_entries = insert(ledger_entries).values(rows)
-        if dialect == "postgresql" and statements:
-            return (statements[0].add_cte(insert_entries.cte("entries")),)
-        statements.insert(0, insert_entries)
-    return tuple(statements)
-
-
-async def _write(
-    conn: AsyncConnection, entries: list[dict[str, Any]], changes: dict[tuple[str, str, str, datetime], int]
-) -> None:
-    params: dict[str, Any] = {}
-    for i, row in enumerate(entries):
-        params |= {f"e{i}_{name}": row[name] for name in _ENTRY_COLUMNS}
-    for i, ((wallet_id, agent_id, counter, bucket), amount) in enumerate(changes.items()):
-        params |= {
-            f"b{i}_wallet_id": wallet_id,
-            f"b{i}_agent_id": agent_id,
-            f"b{i}_counter": counter,
-            f"b{i}_bucket": bucket,
-            f"b{i}_amount": amount,
-        }
-    for statement in _writes(conn.dialect.name, len(entries), len(changes)):
-        await conn.execute(statement, params)
+_INSERT_ENTRIES = insert(ledger_entries)
 
 
 async def _bump(conn: AsyncConnection, changes: dict[tuple[str, str, str, datetime], int]) -> None:
-    """Add amounts to hourly totals, keyed (wallet, agent, counter, hour): one statement for all of them."""
-    if changes:
-        await _write(conn, [], changes)
+    """Add amounts to hourly totals, keyed (wallet, agent, counter, hour)."""
+    if not changes:
+        return
+    values = [
+        {"wallet_id": wallet_id, "agent_id": agent_id, "counter": counter, "bucket": bucket, "amount": amount}
+        for (wallet_id, agent_id, counter, bucket), amount in changes.items()
+    ]
+    await conn.execute(_upsert(conn.dialect.name), values)
 
 
 def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, datetime], int]:
@@ -233,7 +199,8 @@ def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, dateti
 async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     """Add ledger entries (a reservation) and their hourly totals, in the caller's transaction."""
     if rows:
-        await _write(conn, rows, _changes(rows, 1))
+        await conn.execute(_INSERT_ENTRIES, rows)
+        await _bump(conn, _changes(rows, 1))
 
 
 async def release(conn: AsyncConnection, payment_id: str) -> None:
