@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     agent_rate_limit_per_minute: int = 600
     # A reservation not signed within this time belongs to a crashed request: it is released.
     reservation_lease_seconds: float = 60.0
+    # How often each API process chains the audit records that payments queued (reads chain first anyway).
+    audit_seal_interval_seconds: float = Field(default=0.5, gt=0, le=60)
     # Crash points for recovery tests (custody/failpoints.py); refused in production.
     failpoints: str | None = None
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from custody import __version__
 from custody.api import admin_routes, agent_routes, problems
 from custody.api.deps import Admin, AnyOperator, Ctx, WalletId, problem_responses
+from custody.audit.sealer import Sealer
 from custody.errors import CustodyError
 from custody.observability import api as observability
 from custody.payments.recovery import Sweeper
@@ -56,13 +57,16 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
         )
         dispatcher.wake = ctx.outbox_wake
         sweeper = Sweeper(ctx)
+        sealer = Sealer(ctx.audit, settings.audit_seal_interval_seconds)
         await ctx.shared.start()
         if background:
             dispatcher.start()
             sweeper.start()
+            sealer.start()
         try:
             yield
         finally:
+            await sealer.stop()
             await sweeper.stop()
             await dispatcher.stop()
             await ctx.close()

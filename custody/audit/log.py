@@ -3,8 +3,16 @@
 Every record carries ``hash = sha256(canonical_json({seq, at, kind, actor, subject, data,
 prev_hash}))`` and the previous record's hash, so changing, deleting, inserting or reordering a
 record breaks the chain at that record. The one-row ``audit_head`` table names the newest record,
-so deleting records at the tail is caught too. Appends lock the head row, which serializes them
+so deleting records at the tail is caught too. Chaining locks the head row, which serializes it
 on both backends: the chain never forks.
+
+A record written inside a caller's transaction (:meth:`AuditLog.append_in`: every payment
+decision and signature) goes to ``audit_pending`` and commits or rolls back with that
+transaction, without touching the head, so concurrent payments do not queue on one lock.
+:meth:`AuditLog.seal` chains pending records in id order, in batches; each API process seals
+every ``audit_seal_interval_seconds``, and every read of the log (events, export, verify) seals
+first, so a reader never sees a chain that lacks a committed record. :meth:`AuditLog.append`
+(its own transaction) seals and chains its record at once.
 
 The log records who did what, never credentials: an actor is ``operator:<id>``, ``agent:<id>`` or a
 bare component name, and :meth:`AuditLog.append` refuses ``data`` with keys that look like secrets.
@@ -15,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,19 +32,21 @@ from types import SimpleNamespace
 from typing import IO, Any, Final
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import LargeBinary, Table, bindparam, cast, func, insert, select, update
+from sqlalchemy import LargeBinary, Table, bindparam, cast, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from custody.audit.models import AuditEventRow, AuditHeadRow
+from custody.audit.models import AuditEventRow, AuditHeadRow, AuditPendingRow
 from custody.errors import AuditUnavailable, CustodyError
 from custody.storage.db import is_database_outage, write_transaction
 
 GENESIS_HASH: Final = "0" * 64
 """The ``prev_hash`` of the first record (and the head's hash while the log is empty)."""
 
+_log = logging.getLogger("custody.audit")
 audit_events: Table = AuditEventRow.__table__  # type: ignore[attr-defined]
 audit_head: Table = AuditHeadRow.__table__  # type: ignore[attr-defined]
+audit_pending: Table = AuditPendingRow.__table__  # type: ignore[attr-defined]
 
 _PAGE: Final = 1000
 _MAX_DATA_BYTES: Final = 64 * 1024
@@ -313,21 +324,38 @@ class _Raw:
 class _Statements:
     take_lock: Any
     head: Any
-    write: tuple[Any, ...]
+    advance: Any
 
 
 @functools.lru_cache(maxsize=4)
 def _statements(dialect: str) -> _Statements:
-    """An append's statements, built once per dialect (values are bound at execution)."""
-    names = ("seq", "at", "kind", "actor", "subject", "data", "prev_hash", "hash")
-    record = insert(audit_events).values({name: bindparam(name) for name in names})
-    advance = update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("seq"), hash=bindparam("hash"))
+    """Chaining's statements, built once per dialect (values are bound at execution)."""
+    advance = (
+        update(audit_head).where(audit_head.c.id == 1).values(seq=bindparam("head_seq"), hash=bindparam("head_hash"))
+    )
     head = select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1).with_for_update()
-    if dialect == "postgresql":
-        # One round trip: the record and the head move in one statement (a data-modifying CTE).
-        return _Statements(None, head, (advance.add_cte(record.cte("record")),))
+    # SQLite: take the write lock before reading the head, so two sealers never read the same head.
     take_lock = update(audit_head).where(audit_head.c.id == 1).values(seq=audit_head.c.seq)
-    return _Statements(take_lock, head, (record, advance))
+    return _Statements(take_lock if dialect == "sqlite" else None, head, advance)
+
+
+_INSERT_PENDING = insert(audit_pending)
+_INSERT_EVENTS = insert(audit_events)
+_PENDING = select(audit_pending).order_by(audit_pending.c.id).limit(bindparam("batch"))
+_SEAL_BATCH: Final = 1000
+Record = tuple[datetime, str, str, str | None, dict[str, Any], str]
+
+
+def _unavailable(error: DBAPIError) -> Exception:
+    if is_database_outage(error):
+        return error
+    # The caller's transaction rolls back with it: no action goes unrecorded.
+    return AuditUnavailable(f"the audit record could not be written ({type(error.orig).__name__})")
+
+
+def as_utc_aware(at: datetime) -> datetime:
+    """A stored timestamp as UTC (SQLite hands it back without a zone)."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
 
 
 class AuditLog:
@@ -345,10 +373,11 @@ class AuditLog:
         data: Mapping[str, Any] | None = None,
         at: datetime | None = None,
     ) -> AuditEvent:
-        """Record one event in its own transaction."""
-        prepared = _prepare(kind, actor, subject, data, at)
+        """Record one event in its own transaction, chained at once (after any pending records)."""
+        at, cleaned, text = _prepare(kind, actor, subject, data, at)
         async with write_transaction(self.engine) as conn:
-            return await self._append(conn, kind, actor, subject, *prepared)
+            events = await self._chain(conn, own=(at, kind, actor, subject, cleaned, text))
+        return events[-1]
 
     async def append_in(
         self,
@@ -359,58 +388,94 @@ class AuditLog:
         subject: str | None = None,
         data: Mapping[str, Any] | None = None,
         at: datetime | None = None,
-    ) -> AuditEvent:
+    ) -> None:
         """Record one event inside the caller's open transaction: it commits or rolls back with it.
 
-        This locks the chain head until the caller's transaction ends, so keep that transaction
-        short and append last. On SQLite the caller's transaction becomes a write transaction here;
-        if it read anything first, begin it as a write transaction (``BEGIN IMMEDIATE``) or SQLite
-        may answer "database is locked" instead of waiting.
+        The record is queued (``audit_pending``), not chained: the caller's transaction takes no
+        lock of the log's. It is chained at the next :meth:`seal`, before anyone can read it.
         """
-        prepared = _prepare(kind, actor, subject, data, at)
-        return await self._append(conn, kind, actor, subject, *prepared)
-
-    async def _append(
-        self,
-        conn: AsyncConnection,
-        kind: str,
-        actor: str,
-        subject: str | None,
-        at: datetime,
-        data: dict[str, Any],
-        data_text: str,
-    ) -> AuditEvent:
-        statements = _statements(conn.dialect.name)
-        if statements.take_lock is not None:
-            # Take SQLite's write lock before reading the head, so two appends never read the same head.
-            await conn.execute(statements.take_lock)
-        head = (await conn.execute(statements.head)).first()
-        if head is None:
-            raise AuditTampered("the audit chain head (audit_head id 1) is missing; run `custody audit verify`")
-        seq = int(head.seq) + 1
-        prev_hash = str(head.hash)
-        digest = event_hash(seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash)
-        values = {
-            "seq": seq,
-            "at": at,
-            "kind": kind,
-            "actor": actor,
-            "subject": subject,
-            "data": data_text,
-            "prev_hash": prev_hash,
-            "hash": digest,
-        }
+        at, _, text = _prepare(kind, actor, subject, data, at)
+        values = {"at": at, "kind": kind, "actor": actor, "subject": subject, "data": text}
         try:
-            for statement in statements.write:
-                await conn.execute(statement, values)
+            await conn.execute(_INSERT_PENDING, values)
         except DBAPIError as error:
-            if is_database_outage(error):
-                raise
-            # The caller's transaction rolls back with it: no action goes unrecorded.
-            raise AuditUnavailable(f"the audit record could not be written ({type(error.orig).__name__})") from None
-        return AuditEvent(
-            seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash, hash=digest
-        )
+            raise _unavailable(error) from None
+
+    async def seal(self) -> int:
+        """Chain every committed pending record, oldest first; returns how many were chained."""
+        sealed = 0
+        while True:
+            async with write_transaction(self.engine) as conn:
+                events = await self._chain(conn)
+            sealed += len(events)
+            if len(events) < _SEAL_BATCH:
+                return sealed
+
+    async def _seal_for_reading(self) -> None:
+        # Chain what is queued so a reader sees every committed record. A broken head (or an
+        # unreadable one) stops sealing; reading goes on, and verify names the break.
+        try:
+            await self.seal()
+        except (AuditTampered, AuditUnavailable, DBAPIError) as error:
+            _log.warning("audit records could not be chained before reading: %s", type(error).__name__)
+
+    async def _chain(self, conn: AsyncConnection, own: Record | None = None) -> list[AuditEvent]:
+        """Under the head's lock: chain up to a batch of pending records, then ``own``."""
+        statements = _statements(conn.dialect.name)
+        try:
+            if statements.take_lock is not None:
+                await conn.execute(statements.take_lock)
+            head = (await conn.execute(statements.head)).first()
+            if head is None:
+                raise AuditTampered("the audit chain head (audit_head id 1) is missing; run `custody audit verify`")
+            pending = (await conn.execute(_PENDING, {"batch": _SEAL_BATCH})).all()
+            records: list[Record] = [
+                (as_utc_aware(row.at), row.kind, row.actor, row.subject, json.loads(row.data), row.data)
+                for row in pending
+            ]
+            if own is not None:
+                records.append(own)
+            seq, prev_hash = int(head.seq), str(head.hash)
+            rows: list[dict[str, Any]] = []
+            events: list[AuditEvent] = []
+            for at, kind, actor, subject, data, text in records:
+                seq += 1
+                digest = event_hash(
+                    seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash
+                )
+                rows.append(
+                    {
+                        "seq": seq,
+                        "at": at,
+                        "kind": kind,
+                        "actor": actor,
+                        "subject": subject,
+                        "data": text,
+                        "prev_hash": prev_hash,
+                        "hash": digest,
+                    }
+                )
+                events.append(
+                    AuditEvent(
+                        seq=seq,
+                        at=at,
+                        kind=kind,
+                        actor=actor,
+                        subject=subject,
+                        data=data,
+                        prev_hash=prev_hash,
+                        hash=digest,
+                    )
+                )
+                prev_hash = digest
+            if rows:
+                await conn.execute(_INSERT_EVENTS, rows)
+                await conn.execute(statements.advance, {"head_seq": seq, "head_hash": prev_hash})
+            if pending:
+                await conn.execute(delete(audit_pending).where(audit_pending.c.id.in_([row.id for row in pending])))
+        except DBAPIError as error:
+            raise _unavailable(error) from None
+        return events
 
     async def _page(self, conn: AsyncConnection, after_seq: int, limit: int) -> list[_Raw]:
         # Every column is read as raw text and parsed here, so one malformed row is reported, not raised:
@@ -434,12 +499,14 @@ class AuditLog:
         """Records with ``seq > after_seq``, oldest first, at most ``limit`` (1..10000)."""
         if not 1 <= limit <= 10_000:
             raise ValueError("limit must be between 1 and 10000")
+        await self._seal_for_reading()
         async with self.engine.connect() as conn:
             rows = await self._page(conn, after_seq, limit)
         return [row.event() for row in rows]
 
     async def head(self) -> tuple[int, str] | None:
         """The stored chain head: (seq, hash) of the newest record, or None if the row is gone."""
+        await self._seal_for_reading()
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(audit_head.c.seq, audit_head.c.hash).where(audit_head.c.id == 1))).first()
         return (int(row.seq), str(row.hash)) if row else None
@@ -466,6 +533,7 @@ class AuditLog:
             raise ValueError("give both expect_seq and expect_hash, or neither")
         if expect_hash is not None and not _HASH.fullmatch(expect_hash):
             raise ValueError("expect_hash must be 64 lowercase hex digits")
+        await self._seal_for_reading()
         expected, prev_hash, count = 1, GENESIS_HASH, 0
         head: Any = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Text
+from sqlalchemy import BigInteger, Column, DateTime, Integer, Text
 from sqlmodel import Field, SQLModel
 
 
@@ -31,3 +31,22 @@ class AuditHeadRow(SQLModel, table=True):
     id: int = Field(primary_key=True)
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(max_length=64)
+
+
+class AuditPendingRow(SQLModel, table=True):
+    """A record written in its writer's transaction, not yet chained (migration 0007).
+
+    :meth:`custody.audit.log.AuditLog.seal` moves these into ``audit_events`` in id order.
+    """
+
+    __tablename__ = "audit_pending"
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    kind: str = Field(max_length=64)
+    actor: str = Field(max_length=100)
+    subject: str | None = Field(default=None, max_length=100)
+    data: str = Field(sa_column=Column(Text, nullable=False))

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from web3 import Web3
 
-from custody.audit.log import audit_events
+from custody.audit.log import AuditLog, audit_events
 from custody.payments.ledger import ledger_buckets, ledger_entries, payments
 from custody.payments.service import idempotency_keys
 from tests.payments.helpers import GAS, agent_key, native_policy, set_policy, transfer, wallet
@@ -35,6 +35,7 @@ def _engine(client: httpx.AsyncClient) -> AsyncEngine:
 
 async def _snapshot(engine: AsyncEngine) -> dict[str, Any]:
     """Everything a request could change: payments, ledger rows and totals, idempotency records, the audit log."""
+    await AuditLog(engine).seal()  # payments queue their records; reading the table directly, chain them first
     async with engine.connect() as conn:
         return {
             "payments": sorted(tuple(r) for r in await conn.execute(select(payments.c.id, payments.c.status))),
@@ -58,6 +59,7 @@ async def _snapshot(engine: AsyncEngine) -> dict[str, Any]:
 
 
 async def _audit_kinds(engine: AsyncEngine, payment_id: str) -> list[str]:
+    await AuditLog(engine).seal()
     async with engine.connect() as conn:
         rows = await conn.execute(
             select(audit_events.c.kind).where(audit_events.c.subject == payment_id).order_by(audit_events.c.seq)

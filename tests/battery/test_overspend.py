@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from web3 import Web3
 
-from custody.audit.log import audit_events
+from custody.audit.log import AuditLog, audit_events
 from custody.payments.ledger import ledger_buckets, ledger_entries, payments
 from custody.settings import Settings
 from tests.battery.test_idempotency_storm import storm_across_processes
@@ -128,6 +128,7 @@ async def _verify(
         assert outcome.body["status"] == "signed"
         assert Account.recover_transaction(outcome.body["result"]["raw_transaction"]) == payer["address"]
 
+    await AuditLog(engine).seal()  # payments queue their records; reading the table directly, chain them first
     async with engine.connect() as conn:
         rows = (
             await conn.execute(select(payments.c.id, payments.c.status).where(payments.c.wallet_id == payer["id"]))
@@ -291,6 +292,7 @@ async def test_approvals_and_payments_racing_for_the_last_slot_exactly_one_wins(
     assert all(a.json()["status"] in ("signed", "denied") for a in approvals)
     assert all(p.status_code in (200, 403) for p in payments_made)
     costs = dict(held) | {p.json()["payment_id"]: value + GAS for p, value in zip(payments_made, direct, strict=True)}
+    await AuditLog(engine).seal()
     async with engine.connect() as conn:
         entries = (
             await conn.execute(

@@ -245,12 +245,12 @@ async def test_a_failing_audit_write_refuses_the_payment_and_records_nothing(
             "$$ BEGIN RAISE EXCEPTION 'audit storage full'; END $$"
         )
         await sql(
-            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_pending FOR EACH ROW EXECUTE FUNCTION refuse_audit()"
         )
         try:
             await service.refused("audit_unavailable")
         finally:
-            await sql("DROP TRIGGER refuse_audit ON audit_events")
+            await sql("DROP TRIGGER refuse_audit ON audit_pending")
         await service.recovers()
         await service.books()
 
@@ -348,7 +348,7 @@ async def test_a_signature_that_cannot_be_recorded_releases_its_reservation_for_
                 "$$ BEGIN RAISE EXCEPTION 'audit storage full'; END $$"
             )
             await sql(
-                "CREATE TRIGGER refuse_signed BEFORE INSERT ON audit_events FOR EACH ROW "
+                "CREATE TRIGGER refuse_signed BEFORE INSERT ON audit_pending FOR EACH ROW "
                 "WHEN (NEW.kind = 'payment.signed') EXECUTE FUNCTION refuse_signed()"
             )
             path = f"/v1/wallets/{service.wallet_id}/sign/transaction"
@@ -357,7 +357,7 @@ async def test_a_signature_that_cannot_be_recorded_releases_its_reservation_for_
             first = await service.client.post(path, json=body, headers=headers)
             assert first.status_code == 503
             assert first.json()["code"] == "audit_unavailable"
-            await sql("DROP TRIGGER refuse_signed ON audit_events")
+            await sql("DROP TRIGGER refuse_signed ON audit_pending")
             retry = await service.client.post(path, json=body, headers=headers)
             assert retry.status_code == 200, retry.text  # the first attempt's reservation is not counted
             service.signed += 1
