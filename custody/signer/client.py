@@ -68,6 +68,10 @@ class SignerClient:
         reader, writer = connection
 
         async def exchange() -> dict[str, Any] | None:
+            # The signer may have gone away since this connection was pooled (its transport
+            # closes between loop iterations); uvloop would raise RuntimeError on the write.
+            if writer.is_closing():
+                raise ConnectionResetError("the signer closed this connection")
             writer.write(encode_frame(message))
             await writer.drain()  # a stalled signer stops reading: this waits too, so bound it
             return await read_frame(reader)

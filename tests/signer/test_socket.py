@@ -100,6 +100,29 @@ async def test_client_recovers_after_the_signer_restarts(settings: Settings, sig
         await client.close()
 
 
+def test_a_connection_the_signer_closed_is_unavailable_not_a_crash(settings: Settings, signer: SignerThread) -> None:
+    """Under uvloop (what the service runs on) writing to a closed transport raises RuntimeError."""
+    import uvloop
+
+    async def main() -> None:
+        client = SignerClient(settings.socket_path)
+        opened = client._open
+
+        async def closed() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await opened()
+            writer.close()  # as when the signer dies between connecting and writing
+            return reader, writer
+
+        client._open = closed  # type: ignore[method-assign]
+        try:
+            with pytest.raises(SignerUnavailable):
+                await client.call("sign_message", text="hello")
+        finally:
+            await client.close()
+
+    uvloop.run(main())
+
+
 async def test_a_deeply_nested_frame_is_refused_and_the_signer_survives(
     settings: Settings, signer_client: SignerClient
 ) -> None:
