@@ -406,10 +406,11 @@ async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None
     """
     if not claim.stored:
         # Nothing was decided: a refusal is stored for replays, anything else leaves no trace.
+        # If the key was taken meanwhile (or before: this may be a replay, or a changed body),
+        # ClaimTaken sends the caller to the answer stored for it, or to 409.
         if response is not None:
-            with contextlib.suppress(ClaimTaken):
-                async with ctx.engine.begin() as conn:
-                    await _insert_claim(conn, claim, None, response)
+            async with ctx.engine.begin() as conn:
+                await _insert_claim(conn, claim, None, response)
         return
     where = claim.where() & idempotency_keys.c.status_code.is_(None)
     if response is None:

@@ -100,6 +100,26 @@ async def test_idempotent_replay_returns_the_same_response_and_reserves_once(api
     assert [r["code"] for r in fresh.json()["reasons"]] == ["cap_exceeded"]
 
 
+async def test_a_key_used_once_refuses_a_changed_body_even_one_refused_before_any_decision(api: API) -> None:
+    client, _ = api
+    payer, headers = await _setup(api)
+    keyed = headers | {"Idempotency-Key": "order-43"}
+    assert (await _pay(client, keyed, payer["id"], ETH // 100)).status_code == 200
+    url = f"/v1/wallets/{payer['id']}/sign/transaction"
+    broken = {"transaction": transfer(CHAIN, BOB, 1, 0) | {"chainId": 0}}  # refused while decoding
+    changed = await client.post(url, json=broken, headers=keyed)
+    assert changed.status_code == 409, changed.text
+    assert changed.json()["code"] == "idempotency_conflict"
+    # A refusal made before any decision is itself the stored answer for its key.
+    refused_key = headers | {"Idempotency-Key": "order-44"}
+    first = await client.post(url, json=broken, headers=refused_key)
+    again = await client.post(url, json=broken, headers=refused_key)
+    assert first.status_code == again.status_code == 400
+    assert first.json() == again.json()
+    other = await _pay(client, refused_key, payer["id"], ETH // 100)
+    assert other.status_code == 409
+
+
 async def test_a_denial_is_replayed_too(api: API) -> None:
     client, _ = api
     payer, headers = await _setup(api)
