@@ -35,7 +35,9 @@ def native_policy(chain_id: int, payees: list[str], cap_wei: int, approval_above
             "type": "payee_allowlist",
             "payees": [{"address": p, "label": f"p{i}"} for i, p in enumerate(payees)],
         },
-        {"id": "daily", "type": "cap", "asset": "eth", "max": str(cap_wei), "period": "day"},
+        # A rolling 24 hours, not a calendar day: a test that runs across midnight (UTC) must not
+        # see a fresh budget half-way (calendar periods: tests/battery/test_ledger_model.py).
+        {"id": "daily", "type": "cap", "asset": "eth", "max": str(cap_wei), "rolling": "24h"},
     ]
     if approval_above is not None:
         rules.append(
