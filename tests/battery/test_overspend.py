@@ -95,8 +95,8 @@ def _policy(cap: int, approval_above: int | None = None) -> dict[str, Any]:
     """A daily cap as a rolling 24 hours, so a run that crosses midnight cannot see two budgets."""
     document = native_policy(CHAIN, [BOB], cap, approval_above)
     daily = next(rule for rule in document["rules"] if rule["id"] == "daily")
-    del daily["period"]
-    daily["rolling"] = "24h"
+    assert daily["rolling"] == "24h"
+    assert "period" not in daily
     return document
 
 
