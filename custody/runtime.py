@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
+import logging
 import signal
 import sys
 
@@ -32,3 +35,37 @@ def die_with_parent() -> None:  # pragma: no cover - runs in a child between for
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+class Periodic:
+    """A background task of an API process: :meth:`tick` every ``interval`` seconds until stopped.
+
+    A tick that fails (a database outage, say) is logged by type and tried again at the next one.
+    """
+
+    name = "custody-periodic"
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def tick(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception as error:
+                logging.getLogger("custody").warning("%s failed: %s", self.name, type(error).__name__)
+            await asyncio.sleep(self.interval)

@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
 
 from custody.audit.log import AuditLog
+from custody.runtime import Periodic
 
-log = logging.getLogger("custody.audit")
 
+class Sealer(Periodic):
+    """Calls :meth:`AuditLog.seal` every ``interval`` seconds until stopped, and once more at the end."""
 
-class Sealer:
-    """Calls :meth:`AuditLog.seal` every ``interval`` seconds until stopped."""
+    name = "custody-audit-sealer"
 
     def __init__(self, audit: AuditLog, interval: float) -> None:
+        super().__init__(interval)
         self.audit = audit
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="custody-audit-sealer")
+    async def tick(self) -> None:
+        await self.audit.seal()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await super().stop()
         # What this process queued last is chained now rather than by the next reader.
         with contextlib.suppress(Exception):
             await self.audit.seal()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.audit.seal()
-            except Exception as error:  # an outage: the records wait, committed, for the next tick
-                log.warning("audit sealing failed: %s", type(error).__name__)
-            await asyncio.sleep(self.interval)

@@ -8,43 +8,26 @@ many replicas sweep at the same time (the release is conditional on the status).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from custody.payments.service import recover_interrupted
+from custody.runtime import Periodic
 from custody.services.context import Context
 
 log = logging.getLogger("custody.recovery")
 
 
-class Sweeper:
+class Sweeper(Periodic):
+    name = "custody-recovery-sweep"
+
     def __init__(self, ctx: Context) -> None:
+        super().__init__(min(30.0, max(0.2, ctx.settings.reservation_lease_seconds / 4)))
         self.ctx = ctx
-        lease = ctx.settings.reservation_lease_seconds
-        self.interval = min(30.0, max(0.2, lease / 4))
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="custody-recovery-sweep")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                # One replica sweeps per interval; if the lock is lost, two sweeps are still safe.
-                if await self.ctx.shared.try_lock("recovery-sweep", self.interval) is None:
-                    await asyncio.sleep(self.interval)
-                    continue
-                released = await recover_interrupted(self.ctx)
-                if released:
-                    log.warning("released %d reservation(s) left by interrupted requests", released)
-            except Exception as error:  # a database outage: try again at the next tick
-                log.warning("recovery sweep failed: %s", type(error).__name__)
-            await asyncio.sleep(self.interval)
+    async def tick(self) -> None:
+        # One replica sweeps per interval; if the lock is lost, two sweeps are still safe.
+        if await self.ctx.shared.try_lock("recovery-sweep", self.interval) is None:
+            return
+        released = await recover_interrupted(self.ctx)
+        if released:
+            log.warning("released %d reservation(s) left by interrupted requests", released)
