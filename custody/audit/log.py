@@ -443,30 +443,11 @@ class AuditLog:
                 digest = event_hash(
                     seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash
                 )
-                rows.append(
-                    {
-                        "seq": seq,
-                        "at": at,
-                        "kind": kind,
-                        "actor": actor,
-                        "subject": subject,
-                        "data": text,
-                        "prev_hash": prev_hash,
-                        "hash": digest,
-                    }
+                event = AuditEvent(
+                    seq=seq, at=at, kind=kind, actor=actor, subject=subject, data=data, prev_hash=prev_hash, hash=digest
                 )
-                events.append(
-                    AuditEvent(
-                        seq=seq,
-                        at=at,
-                        kind=kind,
-                        actor=actor,
-                        subject=subject,
-                        data=data,
-                        prev_hash=prev_hash,
-                        hash=digest,
-                    )
-                )
+                events.append(event)
+                rows.append({**event.model_dump(), "data": text})  # the stored form of the data: its canonical text
                 prev_hash = digest
             if rows:
                 await conn.execute(_INSERT_EVENTS, rows)
