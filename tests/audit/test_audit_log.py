@@ -9,7 +9,7 @@ import itertools
 import json
 import random
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,20 +28,6 @@ from custody.settings import Settings
 
 N = 300
 T0 = datetime(2025, 1, 31, 9, 15, 2, 123456, tzinfo=UTC)
-
-
-@pytest.fixture
-async def opened(settings: Settings) -> AsyncIterator[Context]:
-    context = await Context.open(settings)
-    try:
-        yield context
-    finally:
-        await context.close()
-
-
-@pytest.fixture
-def log(opened: Context) -> AuditLog:
-    return AuditLog(opened.engine)
 
 
 def _sample_data(i: int) -> dict[str, Any]:

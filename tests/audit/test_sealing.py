@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select, text
@@ -13,20 +12,6 @@ from custody.audit.log import audit_events, audit_pending
 from custody.audit.sealer import Sealer
 from custody.services.context import Context
 from custody.settings import Settings
-
-
-@pytest.fixture
-async def opened(settings: Settings) -> AsyncIterator[Context]:
-    context = await Context.open(settings)
-    try:
-        yield context
-    finally:
-        await context.close()
-
-
-@pytest.fixture
-def log(opened: Context) -> AuditLog:
-    return AuditLog(opened.engine)
 
 
 async def _counts(log: AuditLog) -> tuple[int, int]:
