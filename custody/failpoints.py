@@ -1,14 +1,14 @@
 """Crash points for recovery tests: kill this process at a named step of the payment path.
 
-``CUSTODY_FAILPOINTS`` lists ``name=probability`` pairs (``payment.after_reserve=0.05``);
+``CUSTODY_FAILPOINTS`` lists ``name=probability`` pairs (``payment.after_sign=0.05``);
 when the path reaches a listed step, the process sends itself SIGKILL with that
 probability, exactly as a power cut or the kernel's OOM killer would stop it. Unset (the
 default) every call is a dictionary lookup that finds nothing. Production mode refuses to
 start with failpoints set.
 
-The steps: ``payment.after_reserve`` (reservation committed, nothing signed),
-``payment.after_sign`` (signature produced, not recorded), ``payment.after_record``
-(recorded, not yet answered), ``signer.after_sign`` (in the signer, before it replies).
+The steps: ``payment.after_sign`` (signature produced, the decision's transaction not yet
+committed), ``payment.after_record`` (committed, not yet answered), ``signer.after_sign``
+(in the signer, before it replies).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 
-NAMES = frozenset({"payment.after_reserve", "payment.after_sign", "payment.after_record", "signer.after_sign"})
+NAMES = frozenset({"payment.after_sign", "payment.after_record", "signer.after_sign"})
 
 
 def parse(spec: str | None) -> dict[str, float]:

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     # Requests per minute one agent may send (sign requests and status polls); 0 turns it off.
     # Shared between API replicas through Redis; per process without it (or while Redis is down).
     agent_rate_limit_per_minute: int = 600
-    # A reservation not signed within this time belongs to a crashed request: it is released.
+    # A reservation still unsigned after this was left by a crash of an earlier version (this one
+    # commits a reservation with its signature): the recovery sweep releases it.
     reservation_lease_seconds: float = 60.0
     # How often each API process chains the audit records that payments queued (reads chain first anyway).
     audit_seal_interval_seconds: float = Field(default=0.5, gt=0, le=60)

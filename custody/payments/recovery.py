@@ -1,9 +1,10 @@
 """The recovery sweep: every API process releases reservations that a crashed request left behind.
 
-A payment is reserved, then signed within seconds. If the process handling it dies in
-between, the reservation stays; once it is older than ``reservation_lease_seconds`` the
-sweep releases it (status ``failed``, audit ``payment.interrupted``), exactly once, however
-many replicas sweep at the same time (the release is conditional on the status).
+A payment now commits with its signature, so a crash leaves nothing behind. Earlier versions
+reserved, committed, then signed: a process that died in between left the reservation, and
+a database they wrote may still hold one. Once it is older than ``reservation_lease_seconds``
+the sweep releases it (status ``failed``, audit ``payment.interrupted``), exactly once,
+however many replicas sweep at the same time (the release is conditional on the status).
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@ One request, from an agent's key to a signature:
 2. The request is decoded into an intent and checked for what the signer would refuse,
    so nothing is reserved for a request that cannot be signed.
 3. One SQL transaction takes the wallet's write lock (``SELECT … FOR UPDATE`` on
-   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), reads posted and pending spend through the
-   engine's questions, evaluates, and records the payment with its reservation (the
-   decision's debits) before it commits. Concurrent requests on one wallet queue on the
+   PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), reads what it has spent through the engine's
+   questions and evaluates. An allowed payment is signed while the lock is held, and the
+   payment, its signature, its debits, its audit records and the Idempotency-Key's answer
+   are written in that same transaction. Concurrent requests on one wallet queue on the
    lock, so a cap is never exceeded.
-4. Only after the commit does the signer sign. A signed payment counts as spent; if the
-   signer fails, the reservation is released and the caller gets the signer's 503.
+4. The signature leaves the service only after that transaction commits. A crash or a
+   failed commit before then loses the signature with everything else: nothing is counted
+   and nothing was handed out. If the signer fails, the payment is recorded as ``failed``
+   with nothing debited, and the caller gets the signer's 503.
 
 Needs-approval is a result, not an error: the payment waits (nothing reserved) until an
 operator quorum approves; then it is evaluated again against the current policy and
@@ -71,17 +74,11 @@ freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
 # Statements of the payment path, built once (constructing one costs about as much as running it).
 _INSERT_CLAIM = insert(idempotency_keys)
 _INSERT_PAYMENT = insert(payments)
-_RECORD_SIGNED = (
-    update(payments)
-    .where(payments.c.id == bindparam("payment"), payments.c.status == "reserved")
-    .values(status="signed", result=bindparam("result"), updated_at=bindparam("now"))
-)
 _CLAIM_ROW = (
     (idempotency_keys.c.agent_id == bindparam("agent"))
     & (idempotency_keys.c.key == bindparam("idempotency_key"))
     & (idempotency_keys.c.owner == bindparam("claim_owner"))
 )
-_BIND = update(idempotency_keys).where(_CLAIM_ROW).values(payment_id=bindparam("payment"))
 _BIND_ANSWER = (
     update(idempotency_keys)
     .where(_CLAIM_ROW)
@@ -268,7 +265,8 @@ class Claim:
     """This request's hold on an Idempotency-Key; ``owner`` fences out a superseded attempt.
 
     The claim's row is written in the decision's own transaction (first, before the wallet
-    lock), so a payment and its claim commit together; ``stored`` says that has happened.
+    lock) and given its answer before that transaction commits, so a payment, its claim and
+    the answer commit together; ``stored`` says that has happened.
     """
 
     agent_id: str
@@ -313,7 +311,8 @@ async def _insert_claim(conn: AsyncConnection, claim: Claim, payment_id: str | N
 async def _answer_for(ctx: Context, claim: Claim, deadline: float) -> Response | None:
     """The response already given (or being given) for a taken key; None when the key is free again.
 
-    A claim that was never answered and is older than the reservation lease belongs to a
+    A committed claim carries its answer. One without (written by an earlier version, see
+    :func:`recover_interrupted`) that is older than the reservation lease belongs to a
     request whose process died: it is resolved from its payment (see :func:`_recover_claim`).
     """
     where = (idempotency_keys.c.agent_id == claim.agent_id) & (idempotency_keys.c.key == claim.key)
@@ -364,7 +363,7 @@ async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | Non
                 )
                 return response
             if payment is not None and payment.status == "reserved":
-                await _interrupt(ctx, conn, payment.id, "payment.interrupted")
+                await _interrupt(ctx, conn, payment.id)
         await conn.execute(
             delete(idempotency_keys).where(
                 idempotency_keys.c.agent_id == agent_id,
@@ -375,8 +374,8 @@ async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | Non
     return None
 
 
-async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, response: Response | None = None) -> None:
-    """In a payment's transaction: tie the claim to its payment (and its final answer).
+async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, response: Response) -> None:
+    """In a payment's transaction: tie the claim to its payment and its final answer.
 
     If a retry took the claim over meanwhile, this attempt must not record anything.
     """
@@ -387,50 +386,29 @@ async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, res
         "idempotency_key": claim.key,
         "claim_owner": claim.owner,
         "payment": payment_id,
+        "status_code": response.status_code,
+        "response": json.dumps(response.body),
     }
-    if response is None:
-        result = await conn.execute(_BIND, values)
-    else:
-        values |= {"status_code": response.status_code, "response": json.dumps(response.body)}
-        result = await conn.execute(_BIND_ANSWER, values)
+    result = await conn.execute(_BIND_ANSWER, values)
     if result.rowcount != 1:
         raise Conflict("a retry with this Idempotency-Key took over this request")
 
 
 async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None:
-    """Store the answer for replays (None: forget the claim, so a retry runs afresh).
+    """After a request failed: store a refusal made before any decision, for replays.
 
-    Forgetting a claim first releases a reservation it still holds (a signature that could
-    not be recorded): a retry must not find its own earlier attempt counted against it. If
-    the database is down, neither happens and the claim resolves through the lease.
+    A decided request's answer committed with its decision (``claim.stored``); any other
+    failure leaves no trace, so a retry with the same key runs afresh. If the key was taken
+    meanwhile (or before: this may be a replay, or a changed body), ClaimTaken sends the
+    caller to the answer stored for it, or to 409.
     """
-    if not claim.stored:
-        # Nothing was decided: a refusal is stored for replays, anything else leaves no trace.
-        # If the key was taken meanwhile (or before: this may be a replay, or a changed body),
-        # ClaimTaken sends the caller to the answer stored for it, or to 409.
-        if response is not None:
-            async with ctx.engine.begin() as conn:
-                await _insert_claim(conn, claim, None, response)
-        return
-    where = claim.where() & idempotency_keys.c.status_code.is_(None)
-    if response is None:
-        async with write_transaction(ctx.engine) as conn:
-            row = (await conn.execute(select(idempotency_keys.c.payment_id).where(where))).first()
-            if row is not None and row.payment_id is not None:
-                await _interrupt(ctx, conn, row.payment_id, "payment.interrupted")
-            await conn.execute(delete(idempotency_keys).where(where))
+    if claim.stored or response is None:
         return
     async with ctx.engine.begin() as conn:
-        await conn.execute(
-            update(idempotency_keys)
-            .where(where)
-            .values(status_code=response.status_code, response=json.dumps(response.body))
-        )
+        await _insert_claim(conn, claim, None, response)
 
 
-async def _interrupt(
-    ctx: Context, conn: AsyncConnection, payment_id: str, kind: str, *, actor: str = "custody", code: str | None = None
-) -> bool:
+async def _interrupt(ctx: Context, conn: AsyncConnection, payment_id: str) -> bool:
     """Release a reservation that will never be signed (in the caller's transaction).
 
     Conditional on the payment still being ``reserved``, so it happens at most once, and
@@ -444,16 +422,20 @@ async def _interrupt(
     if result.rowcount != 1:
         return False
     await release(conn, payment_id)
-    await ctx.audit.append_in(conn, kind, actor=actor, subject=payment_id, data={"code": code or "interrupted"})
+    await ctx.audit.append_in(
+        conn, "payment.interrupted", actor="custody", subject=payment_id, data={"code": "interrupted"}
+    )
     return True
 
 
 async def recover_interrupted(ctx: Context) -> int:
     """Release every reservation older than the lease that was never signed; forget dead claims.
 
-    A reservation is made, then signed within seconds; one still unsigned after the lease
-    belongs to a request whose process died (its signature, if any, died with it, unseen).
-    Returns how many reservations were released.
+    This version never commits a reservation without its signature, nor a claim without its
+    answer: both commit with the decision. Versions before it committed the reservation and
+    the claim first and signed afterwards, so a process that died in between left them
+    behind. The sweep resolves those (from a database such a version wrote, or from its
+    replicas during a rolling upgrade). Returns how many reservations were released.
     """
     cutoff = _now() - _lease(ctx)
     async with ctx.engine.connect() as conn:
@@ -465,7 +447,7 @@ async def recover_interrupted(ctx: Context) -> int:
     released = 0
     for (payment_id,) in stale:
         async with write_transaction(ctx.engine) as conn:
-            released += await _interrupt(ctx, conn, payment_id, "payment.interrupted")
+            released += await _interrupt(ctx, conn, payment_id)
         await ctx.shared.wake(f"payment:{payment_id}")
     async with write_transaction(ctx.engine) as conn:
         failed = select(payments.c.id).where(payments.c.status == "failed")
@@ -626,8 +608,8 @@ async def _submit(
     payment_id = "pay_" + secrets.token_hex(10)
     now = _now()
     started = time.perf_counter()
-    denied: PolicyDenied | None = None
-    pending: Response | None = None
+    answer: Response | None = None
+    signature: Signature | None = None
     async with write_transaction(ctx.engine) as conn:
         if claim is not None:
             # First, so a twin request waits here (or fails) before it locks anything.
@@ -647,33 +629,43 @@ async def _submit(
                 data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
             )
         else:
-            decision = await _decide_and_record(
-                ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing
+            decision, signature = await _decide_and_record(
+                ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing, envelope
             )
-            # A denial or a pending approval is final: its answer is stored with the decision.
-            denied = _denial(payment_id, decision) if decision.outcome == "deny" else None
-            pending = (
-                Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
-                if decision.outcome == "needs_approval"
-                else None
-            )
-            final = Response(denied.status, denied.to_problem()) if denied is not None else pending
-            if final is not None:
-                await _bind(conn, claim, payment_id, final)
-    if claim is not None and not frozen:
-        claim.stored = True
+            answer = _answer(payment_id, decision, signature, now)
+            if answer is not None:
+                # The answer, whatever it is, commits with the decision and is what a replay gets.
+                await _bind(conn, claim, payment_id, answer)
+            elif claim is not None:
+                # The signer failed: nothing was signed, so a retry with this key runs afresh.
+                await conn.execute(delete(idempotency_keys).where(claim.where()))
     if frozen:
         ctx.metrics.refused("frozen", started)
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
+    if claim is not None and answer is not None:
+        claim.stored = True
     ctx.metrics.decided(decision, started)
-    if denied is not None:
-        raise denied
-    if pending is not None:
+    if signature is not None:
+        await _after_signing(ctx, payment_id, signature)  # raises the signer's error if it failed
+    if decision.outcome == "deny":
+        raise _denial(payment_id, decision)
+    if decision.outcome == "needs_approval":
         ctx.outbox_wake.set()
-        return pending
-    failpoints.hit("payment.after_reserve")
-    result = await _sign(ctx, payment_id, wallet_id, method, body, claim, envelope)
-    return Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
+    if answer is None:
+        raise DependencyUnavailable("the signer gave no signature")
+    return answer
+
+
+def _answer(payment_id: str, decision: Decision, signature: Signature | None, now: datetime) -> Response | None:
+    """The response to a decided request; None when the signer failed (the error is the answer)."""
+    if decision.outcome == "deny":
+        denied = _denial(payment_id, decision)
+        return Response(denied.status, denied.to_problem())
+    if decision.outcome == "needs_approval":
+        return Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
+    if signature is None or signature.result is None:
+        return None
+    return Response(200, {"status": "signed", "payment_id": payment_id, "result": signature.result})
 
 
 def _denial(payment_id: str, decision: Decision) -> PolicyDenied:
@@ -691,11 +683,16 @@ async def _decide_and_record(
     intent: Intent,
     now: datetime,
     standing: Standing,
-) -> Decision:
-    """Under the wallet lock: evaluate, record the payment and its reservation, audit the decision."""
+    envelope: KeyEnvelope,
+) -> tuple[Decision, Signature | None]:
+    """Under the wallet lock: evaluate, sign if allowed, record the payment, its debits and its audit."""
     agent_id = principal.agent.id
     decision = await _evaluate(conn, wallet_id, agent_id, intent, now, standing)
-    status = {"allow": "reserved", "deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
+    signature = await _signature(ctx, method, body, envelope) if decision.outcome == "allow" else None
+    if signature is not None:
+        status = "signed" if signature.result is not None else "failed"
+    else:
+        status = {"deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
     expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
     await conn.execute(
         _INSERT_PAYMENT,
@@ -709,6 +706,7 @@ async def _decide_and_record(
             "payee": intent.payee,
             "status": status,
             "decision": _decision_json(decision),
+            "result": json.dumps(signature.result) if signature is not None and signature.result is not None else None,
             "quorum_group": decision.quorum.group if decision.quorum else None,
             "quorum_m": decision.quorum.m if decision.quorum else None,
             "created_at": now,
@@ -716,7 +714,7 @@ async def _decide_and_record(
             "expires_at": expires_at,
         },
     )
-    if decision.outcome == "allow":
+    if status == "signed":
         await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
     if decision.outcome == "needs_approval":
         await outbox.enqueue(
@@ -746,7 +744,9 @@ async def _decide_and_record(
             "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in decision.reasons],
         },
     )
-    return decision
+    if signature is not None:
+        await _record_signing(ctx, conn, payment_id, wallet_id, signature, now)
+    return decision, signature
 
 
 def _intent_summary(intent: Intent) -> dict[str, Any]:
@@ -823,24 +823,29 @@ async def _reserve(
     await record(conn, rows)
 
 
-async def _sign(
-    ctx: Context,
-    payment_id: str,
-    wallet_id: str,
-    method: str,
-    body: Mapping[str, Any],
-    claim: Claim | None = None,
-    envelope: KeyEnvelope | None = None,
-) -> dict[str, Any]:
-    """Sign a reserved payment; on failure release the reservation and re-raise.
+@dataclass(frozen=True)
+class Signature:
+    """What the signer gave for a payment: its result, or the error that stopped it."""
 
-    The signature is recorded only if the payment is still reserved: a reservation the
-    recovery sweep released (this request looked dead) is never signed after the fact.
+    method: str
+    result: dict[str, Any] | None
+    error: Exception | None = None
+
+    @property
+    def code(self) -> str:
+        error = self.error
+        return error.code if isinstance(error, CustodyError) else type(error).__name__
+
+
+async def _signature(ctx: Context, method: str, body: Mapping[str, Any], envelope: KeyEnvelope | None) -> Signature:
+    """Ask the signer, with the wallet locked and the decision's transaction open.
+
+    A failure is returned, not raised, so the transaction can record it: the payment is
+    ``failed`` and nothing is debited. Anything that is not an ``Exception`` (a cancelled
+    request) rolls the transaction back instead, which also leaves nothing behind.
     """
     started = time.perf_counter()
     try:
-        if envelope is None:
-            envelope = await ctx.wallets.envelope(wallet_id)
         if envelope is None:
             raise NotFound("no such wallet")
         if method == "transaction":
@@ -849,49 +854,40 @@ async def _sign(
             result = await ctx.signer.sign_typed_data(envelope, dict(body["typed_data"]))
         else:
             result = await ctx.signer.sign_message(envelope, str(body["message"]))
-    except BaseException as error:
-        # Whatever stopped the signature, the reservation must not outlive it.
-        code = error.code if isinstance(error, CustodyError) else type(error).__name__
-        ctx.metrics.signed(method, started, error=code)
-        async with write_transaction(ctx.engine) as conn:
-            await _interrupt(ctx, conn, payment_id, "payment.sign_failed", actor="signer", code=code)
-        await ctx.shared.wake(f"payment:{payment_id}")
-        raise
+    except Exception as error:  # recorded with the payment, raised after the commit
+        signature = Signature(method, None, error)
+        ctx.metrics.signed(method, started, error=signature.code)
+        return signature
     ctx.metrics.signed(method, started)
     failpoints.hit("payment.after_sign")
-    try:
-        await _record_signature(ctx, payment_id, wallet_id, result, claim)
-    except BaseException:
-        # Not recorded, so never handed out: release its reservation now rather than at the sweep
-        # (a no-op if the record did commit, or if the payment was already released).
-        with contextlib.suppress(Exception):
-            async with write_transaction(ctx.engine) as conn:
-                await _interrupt(ctx, conn, payment_id, "payment.interrupted")
-        raise
+    return Signature(method, result)
+
+
+async def _record_signing(
+    ctx: Context, conn: AsyncConnection, payment_id: str, wallet_id: str, signature: Signature, now: datetime
+) -> None:
+    """In the decision's transaction: the audit record of the signature (or of its failure) and its webhook."""
+    if signature.result is None:
+        await ctx.audit.append_in(
+            conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": signature.code}
+        )
+        return
+    # The transaction hash or the message hash: what was signed, never key material.
+    digest = signature.result.get("hash") or signature.result.get("message_hash")
+    await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
+    await outbox.enqueue(
+        conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, now
+    )
+
+
+async def _after_signing(ctx: Context, payment_id: str, signature: Signature) -> dict[str, Any]:
+    """After the commit: wake whoever waits on the payment; hand out the result or raise the signer's error."""
+    await ctx.shared.wake(f"payment:{payment_id}")
+    if signature.result is None:
+        raise signature.error or DependencyUnavailable("the signer gave no signature")
     failpoints.hit("payment.after_record")
     ctx.outbox_wake.set()
-    await ctx.shared.wake(f"payment:{payment_id}")
-    return result
-
-
-async def _record_signature(
-    ctx: Context, payment_id: str, wallet_id: str, result: dict[str, Any], claim: Claim | None
-) -> None:
-    async with write_transaction(ctx.engine) as conn:
-        recorded = await conn.execute(
-            _RECORD_SIGNED, {"payment": payment_id, "result": json.dumps(result), "now": _now()}
-        )
-        if recorded.rowcount != 1:
-            raise DependencyUnavailable("this payment was interrupted and released; nothing was signed for it")
-        await _bind(
-            conn, claim, payment_id, Response(200, {"status": "signed", "payment_id": payment_id, "result": result})
-        )
-        # The transaction hash or the message hash: what was signed, never key material.
-        digest = result.get("hash") or result.get("message_hash")
-        await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
-        await outbox.enqueue(
-            conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, _now()
-        )
+    return signature.result
 
 
 # Status ---------------------------------------------------------------------------------
@@ -1023,9 +1019,10 @@ async def _vote(
         frozen = await _frozen(conn, row.wallet_id, row.agent_id)
         if frozen:
             raise Frozen(f"{frozen}: vote again after an operator unfreezes it")
-        wallet = await ctx.wallets.get(row.wallet_id)
-        if wallet is None:
+        found_wallet = await ctx.wallets.with_envelope(row.wallet_id)
+        if found_wallet is None:
             raise NotFound("no such payment")
+        wallet, envelope = found_wallet
         body = json.loads(row.request)
         intent = _intent(row.method, body, row.wallet_id, wallet.address, row.agent_id)
         fresh = await _evaluate(conn, row.wallet_id, row.agent_id, intent, now)
@@ -1108,15 +1105,21 @@ async def _vote(
         if fresh.outcome == "deny":
             await _finish(conn, payment_id, "denied", fresh, now)
             return {"payment_id": payment_id, "status": "denied", "reasons": [reason_json(r) for r in fresh.reasons]}
-        await _finish(conn, payment_id, "reserved", fresh, now)
-        await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
+        # Signed with the wallet still locked; the signature leaves only after this commits.
+        signature = await _signature(ctx, row.method, body, envelope)
+        if signature.result is not None:
+            await _finish(conn, payment_id, "signed", fresh, now, result=signature.result)
+            await _reserve(conn, payment_id, row.wallet_id, row.agent_id, fresh, now)
+        else:
+            await _finish(conn, payment_id, "failed", fresh, now)
         await outbox.enqueue(
             conn,
             "payment.approved",
             {"payment_id": payment_id, "wallet_id": row.wallet_id, "approvers": sorted(approvers)},
             now,
         )
-    result = await _sign(ctx, payment_id, row.wallet_id, row.method, body)
+        await _record_signing(ctx, conn, payment_id, row.wallet_id, signature, now)
+    result = await _after_signing(ctx, payment_id, signature)
     return {"payment_id": payment_id, "status": "signed", "result": result}
 
 
@@ -1125,11 +1128,19 @@ def _quorums(decision: Decision) -> tuple[Quorum, ...]:
 
 
 async def _finish(
-    conn: AsyncConnection, payment_id: str, status: str, decision: Decision | None, now: datetime
+    conn: AsyncConnection,
+    payment_id: str,
+    status: str,
+    decision: Decision | None,
+    now: datetime,
+    *,
+    result: dict[str, Any] | None = None,
 ) -> None:
     values: dict[str, Any] = {"status": status, "updated_at": now}
     if decision is not None:
         values["decision"] = _decision_json(decision)
+    if result is not None:
+        values["result"] = json.dumps(result)
     await conn.execute(update(payments).where(payments.c.id == payment_id).values(**values))
 
 

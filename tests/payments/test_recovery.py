@@ -1,11 +1,15 @@
 """Recovery from a request whose process died: the sweep, abandoned Idempotency-Key claims, fencing.
 
-The crash test (tests/crash) kills real processes; these tests put the database in the
-state each crash leaves and check what the service makes of it, on both backends.
+A payment commits with its signature, so a crash today leaves nothing to recover; the
+crash test (tests/crash) kills real processes to show it. Versions before that committed the
+reservation and the claim first: these tests put the database in the state a crash of such a
+version left and check what the sweep and a retry make of it, on both backends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +20,7 @@ from sqlalchemy import insert, select, update
 from web3 import Web3
 
 from custody import failpoints
-from custody.errors import Conflict, DependencyUnavailable
+from custody.errors import Conflict, SignerUnavailable
 from custody.payments import service
 from custody.payments.ledger import ledger_entries, payments
 from custody.payments.service import Claim, idempotency_keys, recover_interrupted
@@ -171,22 +175,79 @@ async def _agent_id(ctx: Context, key_id: str) -> str:
         return str((await conn.execute(select(agent_keys.c.agent_id).where(agent_keys.c.id == key_id))).scalar_one())
 
 
-async def test_a_swept_reservation_is_never_recorded_as_signed(api: API) -> None:
+async def _claims(ctx: Context) -> list[Any]:
+    async with ctx.engine.connect() as conn:
+        return list((await conn.execute(select(idempotency_keys))).all())
+
+
+async def _rows(ctx: Context, wallet_id: str) -> list[Any]:
+    async with ctx.engine.connect() as conn:
+        return list((await conn.execute(select(payments).where(payments.c.wallet_id == wallet_id))).all())
+
+
+async def test_nothing_of_a_payment_commits_before_its_signature(api: API, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = _ctx(api)
     wallet_id, headers = await _setup(api)
-    payment_id = (await _pay(api, wallet_id, headers, 0, "k0")).json()["payment_id"]
-    await _as_if_crashed(ctx, payment_id, status="failed", claim_answered=True)
-    request = {"transaction": transfer(CHAIN, BOB, EACH, 0)}
-    with pytest.raises(DependencyUnavailable):
-        await service._sign(ctx, payment_id, wallet_id, "transaction", request)
-    assert (await _payment(ctx, payment_id)).status == "failed"
+    asked, release = asyncio.Event(), asyncio.Event()
+    sign = ctx.signer.sign_transaction
+
+    async def held(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        asked.set()
+        await release.wait()
+        return await sign(envelope, transaction)
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", held)
+    paying = asyncio.create_task(_pay(api, wallet_id, headers, 0, "invoice-5"))
+    await asyncio.wait_for(asked.wait(), 10)
+    # The signer is at work: no payment, no debit and no claim can be seen yet.
+    assert await _rows(ctx, wallet_id) == []
+    assert await _claims(ctx) == []
+    release.set()
+    paid = await asyncio.wait_for(paying, 10)
+    assert paid.status_code == 200, paid.text
+    payment_id = paid.json()["payment_id"]
+    # Then all of it at once: the signed payment, its debits and the stored answer.
+    payment = await _payment(ctx, payment_id)
+    assert (payment.status, json.loads(payment.result)) == ("signed", paid.json()["result"])
+    assert await _entries(ctx, payment_id) > 0
+    [claim] = await _claims(ctx)
+    assert (claim.status_code, json.loads(claim.response)) == (200, paid.json())
+
+
+async def test_a_signer_failure_records_a_failed_payment_and_frees_the_key(
+    api: API, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _ctx(api)
+    wallet_id, headers = await _setup(api)
+    before = await _remaining(api, wallet_id, headers)
+    sign = ctx.signer.sign_transaction
+
+    async def unavailable(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        raise SignerUnavailable("the signer is restarting")
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", unavailable)
+    failed = await _pay(api, wallet_id, headers, 0, "invoice-6")
+    assert (failed.status_code, failed.json()["code"]) == (503, "signer_unavailable")
+    [row] = await _rows(ctx, wallet_id)
+    assert (row.status, row.result) == ("failed", None)
+    assert await _entries(ctx, row.id) == 0
+    assert await _remaining(api, wallet_id, headers) == before
+    assert await _claims(ctx) == []  # transient: the same key may try again
+    kinds = [e.kind for e in await ctx.audit.events() if e.subject == row.id]
+    assert kinds == ["payment.decided", "payment.sign_failed"]
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", sign)
+    retry = await _pay(api, wallet_id, headers, 0, "invoice-6")
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["payment_id"] != row.id
+    assert await _remaining(api, wallet_id, headers) == before - (EACH + GAS)
 
 
 async def test_an_attempt_whose_claim_was_taken_over_decides_nothing(api: API) -> None:
     ctx = _ctx(api)
     async with ctx.engine.begin() as conn:
         with pytest.raises(Conflict):
-            await service._bind(conn, Claim("agent", "key", "not-the-owner"), "pay_x")
+            await service._bind(conn, Claim("agent", "key", "not-the-owner"), "pay_x", service.Response(200, {}))
 
 
 def test_failpoints_are_parsed_strictly() -> None:
