@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, and_, func, insert, select, update
+from sqlalchemy import Table, and_, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,6 +28,17 @@ def _wallet(row: Any) -> Wallet:
 
 def _envelope(row: Any) -> KeyEnvelope:
     return KeyEnvelope(row.wallet_id, row.key_version, row.kek_version, bytes(row.wrapped_dek), bytes(row.ciphertext))
+
+
+# On every payment: built once (building a statement costs about as much as running it).
+_WITH_ENVELOPE = (
+    select(wallets, wallet_keys.c.kek_version, wallet_keys.c.wrapped_dek, wallet_keys.c.ciphertext)
+    .join(
+        wallet_keys,
+        and_(wallets.c.id == wallet_keys.c.wallet_id, wallets.c.key_version == wallet_keys.c.key_version),
+    )
+    .where(wallets.c.id == bindparam("wallet"))
+)
 
 
 class SqlWalletStore:
@@ -89,21 +100,8 @@ class SqlWalletStore:
         return _envelope(row) if row else None
 
     async def with_envelope(self, wallet_id: str) -> tuple[Wallet, KeyEnvelope] | None:
-        query = (
-            select(
-                wallets,
-                wallet_keys.c.kek_version,
-                wallet_keys.c.wrapped_dek,
-                wallet_keys.c.ciphertext,
-            )
-            .join(
-                wallet_keys,
-                and_(wallets.c.id == wallet_keys.c.wallet_id, wallets.c.key_version == wallet_keys.c.key_version),
-            )
-            .where(wallets.c.id == wallet_id)
-        )
         async with reading(self.engine) as conn:
-            row = (await conn.execute(query)).first()
+            row = (await conn.execute(_WITH_ENVELOPE, {"wallet": wallet_id})).first()
         if row is None:
             return None
         key = KeyEnvelope(row.id, row.key_version, row.kek_version, bytes(row.wrapped_dek), bytes(row.ciphertext))
