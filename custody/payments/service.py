@@ -610,6 +610,7 @@ async def _submit(
     started = time.perf_counter()
     answer: Response | None = None
     signature: Signature | None = None
+    queued = 0
     async with write_transaction(ctx.engine) as conn:
         if claim is not None:
             # First, so a twin request waits here (or fails) before it locks anything.
@@ -629,7 +630,7 @@ async def _submit(
                 data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
             )
         else:
-            decision, signature = await _decide_and_record(
+            decision, signature, queued = await _decide_and_record(
                 ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing, envelope
             )
             answer = _answer(payment_id, decision, signature, now)
@@ -645,12 +646,12 @@ async def _submit(
     if claim is not None and answer is not None:
         claim.stored = True
     ctx.metrics.decided(decision, started)
+    if queued:
+        ctx.outbox_wake.set()  # webhook deliveries committed with the decision
     if signature is not None:
         await _after_signing(ctx, payment_id, signature)  # raises the signer's error if it failed
     if decision.outcome == "deny":
         raise _denial(payment_id, decision)
-    if decision.outcome == "needs_approval":
-        ctx.outbox_wake.set()
     if answer is None:
         raise DependencyUnavailable("the signer gave no signature")
     return answer
@@ -684,8 +685,12 @@ async def _decide_and_record(
     now: datetime,
     standing: Standing,
     envelope: KeyEnvelope,
-) -> tuple[Decision, Signature | None]:
-    """Under the wallet lock: evaluate, sign if allowed, record the payment, its debits and its audit."""
+) -> tuple[Decision, Signature | None, int]:
+    """Under the wallet lock: evaluate, sign if allowed, record the payment, its debits and its audit.
+
+    Returns the decision, the signature (None unless allowed) and how many webhook deliveries
+    were queued.
+    """
     agent_id = principal.agent.id
     decision = await _evaluate(conn, wallet_id, agent_id, intent, now, standing)
     signature = await _signature(ctx, method, body, envelope) if decision.outcome == "allow" else None
@@ -716,8 +721,9 @@ async def _decide_and_record(
     )
     if status == "signed":
         await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
+    queued = 0
     if decision.outcome == "needs_approval":
-        await outbox.enqueue(
+        queued += await outbox.enqueue(
             conn,
             "payment.pending_approval",
             {
@@ -745,8 +751,8 @@ async def _decide_and_record(
         },
     )
     if signature is not None:
-        await _record_signing(ctx, conn, payment_id, wallet_id, signature, now)
-    return decision, signature
+        queued += await _record_signing(ctx, conn, payment_id, wallet_id, signature, now)
+    return decision, signature, queued
 
 
 def _intent_summary(intent: Intent) -> dict[str, Any]:
@@ -865,17 +871,20 @@ async def _signature(ctx: Context, method: str, body: Mapping[str, Any], envelop
 
 async def _record_signing(
     ctx: Context, conn: AsyncConnection, payment_id: str, wallet_id: str, signature: Signature, now: datetime
-) -> None:
-    """In the decision's transaction: the audit record of the signature (or of its failure) and its webhook."""
+) -> int:
+    """In the decision's transaction: the audit record of the signature (or of its failure) and its webhooks.
+
+    Returns how many webhook deliveries were queued.
+    """
     if signature.result is None:
         await ctx.audit.append_in(
             conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": signature.code}
         )
-        return
+        return 0
     # The transaction hash or the message hash: what was signed, never key material.
     digest = signature.result.get("hash") or signature.result.get("message_hash")
     await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
-    await outbox.enqueue(
+    return await outbox.enqueue(
         conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, now
     )
 
@@ -886,7 +895,6 @@ async def _after_signing(ctx: Context, payment_id: str, signature: Signature) ->
     if signature.result is None:
         raise signature.error or DependencyUnavailable("the signer gave no signature")
     failpoints.hit("payment.after_record")
-    ctx.outbox_wake.set()
     return signature.result
 
 
@@ -986,10 +994,15 @@ async def pending_approvals(ctx: Context) -> list[dict[str, Any]]:
 async def vote(
     ctx: Context, operator: Operator, payment_id: str, choice: Literal["approve", "reject"], comment: str | None
 ) -> dict[str, Any]:
-    """Record an approver's vote (see :func:`_vote`), then wake whoever waits on the payment."""
+    """Record an approver's vote (see :func:`_vote`), then wake whoever waits on the payment.
+
+    The webhook dispatcher is woken too, after the vote's transaction: a rejection, an
+    approval and a signature each queue deliveries.
+    """
     try:
         return await _vote(ctx, operator, payment_id, choice, comment)
     finally:
+        ctx.outbox_wake.set()
         await ctx.shared.wake(f"payment:{payment_id}")
 
 
@@ -1061,7 +1074,6 @@ async def _vote(
                 {"payment_id": payment_id, "wallet_id": row.wallet_id, "by": operator.id, "comment": comment},
                 now,
             )
-            ctx.outbox_wake.set()
             ctx.metrics.rejected()
             return {"payment_id": payment_id, "status": "rejected"}
         approvers = {

@@ -131,8 +131,12 @@ async def list_deliveries(engine: AsyncEngine, status: str | None = None) -> lis
 _HOOKS = select(webhooks.c.id, webhooks.c.events)
 
 
-async def enqueue(conn: AsyncConnection, event: str, data: dict[str, Any], now: datetime) -> None:
-    """Queue ``event`` for every webhook that wants it, inside the caller's transaction."""
+async def enqueue(conn: AsyncConnection, event: str, data: dict[str, Any], now: datetime) -> int:
+    """Queue ``event`` for every webhook that wants it, inside the caller's transaction.
+
+    Returns how many deliveries were queued: the caller wakes the dispatcher (after its
+    commit) only when there is something to deliver.
+    """
     assert event in EVENTS
     rows = []
     for hook in await conn.execute(_HOOKS):
@@ -155,6 +159,7 @@ async def enqueue(conn: AsyncConnection, event: str, data: dict[str, Any], now: 
         )
     if rows:
         await conn.execute(insert(deliveries), rows)
+    return len(rows)
 
 
 class Dispatcher:

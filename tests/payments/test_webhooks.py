@@ -139,3 +139,20 @@ async def test_invalid_webhooks_are_refused(api: API, body: dict[str, Any]) -> N
     response = await client.post("/admin/v1/webhooks", json=body)
     assert response.status_code == 400
     assert (await client.get("/admin/v1/webhooks")).json()["webhooks"] == []
+
+
+async def test_the_dispatcher_is_woken_only_when_a_payment_queued_a_delivery(
+    api: API, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = api
+    ctx = client._transport.app.state.ctx  # type: ignore[attr-defined]
+    payer, headers = await _setup(api)
+    woken = asyncio.Event()  # the running dispatcher keeps (and clears) its own
+    monkeypatch.setattr(ctx, "outbox_wake", woken)
+    assert (await _pay(client, headers, payer["id"], 1)).status_code == 200
+    assert not woken.is_set()  # no webhook: nothing to deliver, no database poll
+
+    with Receiver() as receiver:
+        await client.post("/admin/v1/webhooks", json={"url": receiver.url, "events": ["payment.signed"]})
+        assert (await _pay(client, headers, payer["id"], 1, nonce=1)).status_code == 200
+        assert woken.is_set()
