@@ -34,9 +34,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
-from sqlalchemy import Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Table, bindparam, delete, exists, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -520,12 +520,16 @@ class Standing:
     frozen: str | None
     policy: str | None
     grant: str | None
+    address: str
+    envelope: KeyEnvelope
+    webhooks: bool  # whether any webhook is registered (none: no deliveries to queue)
 
 
 @functools.lru_cache(maxsize=4)
 def _standing_statement(dialect: str) -> Any:
     from custody.payments.documents import agent_grants, wallet_policies
-    from custody.storage.sql import wallets
+    from custody.storage.sql import wallet_keys, wallets
+    from custody.webhooks.outbox import webhooks
 
     wallet_id: Any = bindparam("wallet")
     agent_id: Any = bindparam("agent")
@@ -553,14 +557,29 @@ def _standing_statement(dialect: str) -> Any:
         .where(agent_grants.c.agent_id == agent_id, agent_grants.c.wallet_id == wallet_id)
         .scalar_subquery()
     )
-    query = select(frozen.label("frozen"), policy.label("policy"), grant.label("grant")).where(
-        wallets.c.id == wallet_id
+    query = (
+        select(
+            frozen.label("frozen"),
+            policy.label("policy"),
+            grant.label("grant"),
+            exists(select(webhooks.c.id)).label("webhooks"),
+            wallets.c.address,
+            wallets.c.key_version,
+            wallet_keys.c.kek_version,
+            wallet_keys.c.wrapped_dek,
+            wallet_keys.c.ciphertext,
+        )
+        .join(
+            wallet_keys,
+            (wallet_keys.c.wallet_id == wallets.c.id) & (wallet_keys.c.key_version == wallets.c.key_version),
+        )
+        .where(wallets.c.id == wallet_id)
     )
     return query.with_for_update(of=wallets) if dialect == "postgresql" else query
 
 
 async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Standing:
-    """Lock the wallet and read its freezes, current policy and the agent's grant: one statement.
+    """Lock the wallet; read its freezes, policy, the agent's grant, its key and the webhooks: one statement.
 
     PostgreSQL locks the wallet's row (``FOR UPDATE OF wallets``); SQLite's transaction holds
     the database's write lock already (``BEGIN IMMEDIATE``).
@@ -571,7 +590,8 @@ async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Sta
         raise NotFound("no such wallet")
     scope = row.frozen
     frozen_text = None if scope is None else ("everything is frozen" if scope == "all" else f"this {scope} is frozen")
-    return Standing(frozen_text, row.policy, row.grant)
+    envelope = KeyEnvelope(wallet_id, row.key_version, row.kek_version, bytes(row.wrapped_dek), bytes(row.ciphertext))
+    return Standing(frozen_text, row.policy, row.grant, row.address, envelope, bool(row.webhooks))
 
 
 async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
@@ -590,56 +610,54 @@ async def _submit(
     claim: Claim | None = None,
 ) -> Response:
     agent_id = principal.agent.id
-    try:
-        found = await ctx.wallets.with_envelope(wallet_id) if wallet_id in principal.wallet_ids else None
-        if found is None:
-            raise NotFound("no such wallet")
-        wallet, envelope = found
-        intent = _intent(method, body, wallet_id, wallet.address, agent_id)
-    except CustodyError as error:
-        # Requests refused before any decision are recorded too (by code; the body is not kept).
-        await ctx.audit.append(
-            "payment.request_refused",
-            actor=f"agent:{agent_id}",
-            data={"wallet_id": wallet_id[:100], "method": method, "code": error.code},
-        )
-        ctx.metrics.refused(error.code)
-        raise
+    if wallet_id not in principal.wallet_ids:
+        await _refused(ctx, agent_id, wallet_id, method, NotFound("no such wallet"))
     payment_id = "pay_" + secrets.token_hex(10)
     now = _now()
     started = time.perf_counter()
     answer: Response | None = None
     signature: Signature | None = None
     queued = 0
-    async with write_transaction(ctx.engine) as conn:
-        if claim is not None:
-            # First, so a twin request waits here (or fails) before it locks anything.
-            await _insert_claim(conn, claim, payment_id, None)
-        standing = await _standing(conn, wallet_id, agent_id)
-        frozen = standing.frozen
-        if frozen:
+    undecided: CustodyError | None = None
+    try:
+        async with write_transaction(ctx.engine) as conn:
             if claim is not None:
-                # Not an answer to keep: the same request may succeed once unfrozen.
-                await conn.execute(delete(idempotency_keys).where(claim.where()))
-            # Recorded, and committed, although nothing else happens.
-            await ctx.audit.append_in(
-                conn,
-                "payment.refused",
-                actor=f"agent:{agent_id}",
-                subject=wallet_id,
-                data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
-            )
-        else:
-            decision, signature, queued = await _decide_and_record(
-                ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing, envelope
-            )
-            answer = _answer(payment_id, decision, signature, now)
-            if answer is not None:
-                # The answer, whatever it is, commits with the decision and is what a replay gets.
-                await _bind(conn, claim, payment_id, answer)
-            elif claim is not None:
-                # The signer failed: nothing was signed, so a retry with this key runs afresh.
-                await conn.execute(delete(idempotency_keys).where(claim.where()))
+                # First, so a twin request waits here (or fails) before it locks anything.
+                await _insert_claim(conn, claim, payment_id, None)
+            try:
+                standing = await _standing(conn, wallet_id, agent_id)
+                intent = _intent(method, body, wallet_id, standing.address, agent_id)
+            except CustodyError as error:
+                undecided = error  # rolled back: no claim, nothing recorded but the refusal below
+                raise
+            frozen = standing.frozen
+            if frozen:
+                if claim is not None:
+                    # Not an answer to keep: the same request may succeed once unfrozen.
+                    await conn.execute(delete(idempotency_keys).where(claim.where()))
+                # Recorded, and committed, although nothing else happens.
+                await ctx.audit.append_in(
+                    conn,
+                    "payment.refused",
+                    actor=f"agent:{agent_id}",
+                    subject=wallet_id,
+                    data={"method": method, "code": "frozen", "intent": _intent_summary(intent)},
+                )
+            else:
+                decision, signature, queued = await _decide_and_record(
+                    ctx, conn, payment_id, wallet_id, principal, method, body, intent, now, standing
+                )
+                answer = _answer(payment_id, decision, signature, now)
+                if answer is not None:
+                    # The answer, whatever it is, commits with the decision and is what a replay gets.
+                    await _bind(conn, claim, payment_id, answer)
+                elif claim is not None:
+                    # The signer failed: nothing was signed, so a retry with this key runs afresh.
+                    await conn.execute(delete(idempotency_keys).where(claim.where()))
+    except CustodyError as error:
+        if error is undecided:
+            await _refused(ctx, agent_id, wallet_id, method, error)
+        raise
     if frozen:
         ctx.metrics.refused("frozen", started)
         raise Frozen(f"{frozen}: no payment is signed until an operator unfreezes it")
@@ -655,6 +673,17 @@ async def _submit(
     if answer is None:
         raise DependencyUnavailable("the signer gave no signature")
     return answer
+
+
+async def _refused(ctx: Context, agent_id: str, wallet_id: str, method: str, error: CustodyError) -> NoReturn:
+    """A request refused before any decision: recorded (by code; the body is not kept), then raised."""
+    await ctx.audit.append(
+        "payment.request_refused",
+        actor=f"agent:{agent_id}",
+        data={"wallet_id": wallet_id[:100], "method": method, "code": error.code},
+    )
+    ctx.metrics.refused(error.code)
+    raise error
 
 
 def _answer(payment_id: str, decision: Decision, signature: Signature | None, now: datetime) -> Response | None:
@@ -684,7 +713,6 @@ async def _decide_and_record(
     intent: Intent,
     now: datetime,
     standing: Standing,
-    envelope: KeyEnvelope,
 ) -> tuple[Decision, Signature | None, int]:
     """Under the wallet lock: evaluate, sign if allowed, record the payment, its debits and its audit.
 
@@ -693,7 +721,7 @@ async def _decide_and_record(
     """
     agent_id = principal.agent.id
     decision = await _evaluate(conn, wallet_id, agent_id, intent, now, standing)
-    signature = await _signature(ctx, method, body, envelope) if decision.outcome == "allow" else None
+    signature = await _signature(ctx, method, body, standing.envelope) if decision.outcome == "allow" else None
     if signature is not None:
         status = "signed" if signature.result is not None else "failed"
     else:
@@ -722,7 +750,7 @@ async def _decide_and_record(
     if status == "signed":
         await _reserve(conn, payment_id, wallet_id, agent_id, decision, now)
     queued = 0
-    if decision.outcome == "needs_approval":
+    if decision.outcome == "needs_approval" and standing.webhooks:
         queued += await outbox.enqueue(
             conn,
             "payment.pending_approval",
@@ -751,7 +779,7 @@ async def _decide_and_record(
         },
     )
     if signature is not None:
-        queued += await _record_signing(ctx, conn, payment_id, wallet_id, signature, now)
+        queued += await _record_signing(ctx, conn, payment_id, wallet_id, signature, now, webhooks=standing.webhooks)
     return decision, signature, queued
 
 
@@ -870,11 +898,19 @@ async def _signature(ctx: Context, method: str, body: Mapping[str, Any], envelop
 
 
 async def _record_signing(
-    ctx: Context, conn: AsyncConnection, payment_id: str, wallet_id: str, signature: Signature, now: datetime
+    ctx: Context,
+    conn: AsyncConnection,
+    payment_id: str,
+    wallet_id: str,
+    signature: Signature,
+    now: datetime,
+    *,
+    webhooks: bool = True,
 ) -> int:
     """In the decision's transaction: the audit record of the signature (or of its failure) and its webhooks.
 
-    Returns how many webhook deliveries were queued.
+    Returns how many webhook deliveries were queued (``webhooks=False``: none are registered,
+    as read under the wallet lock, so none are looked for).
     """
     if signature.result is None:
         await ctx.audit.append_in(
@@ -884,6 +920,8 @@ async def _record_signing(
     # The transaction hash or the message hash: what was signed, never key material.
     digest = signature.result.get("hash") or signature.result.get("message_hash")
     await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
+    if not webhooks:
+        return 0
     return await outbox.enqueue(
         conn, "payment.signed", {"payment_id": payment_id, "wallet_id": wallet_id, "hash": digest}, now
     )
