@@ -331,9 +331,8 @@ async def _answer_for(ctx: Context, claim: Claim, deadline: float) -> Response |
         left = deadline - asyncio.get_running_loop().time()
         if left <= 0:
             raise Conflict("a request with this Idempotency-Key is still being processed")
-        async with ctx.shared.waiter(f"idem:{claim.agent_id}:{claim.key}") as answered:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(answered.wait(), min(left, 0.05))
+        # Only an earlier version's claim is ever seen unanswered: look again shortly.
+        await asyncio.sleep(min(left, 0.05))
 
 
 async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | None) -> Response | None:
@@ -472,25 +471,27 @@ async def submit(
     body: dict[str, Any],
     idempotency_key: str | None,
 ) -> Response:
-    """Handle one signing request; the same key and body always get the same response."""
+    """Handle one signing request; the same key and body always get the same response.
+
+    A twin request (same key) waits for the first one's transaction: on PostgreSQL at the
+    claim's unique index, on SQLite at the write lock. It then finds the committed answer,
+    or no claim at all if the first one failed, and runs afresh.
+    """
     if idempotency_key is None:
         return await _submit(ctx, principal, wallet_id, method, body)
     if not 0 < len(idempotency_key) <= 200:
         raise InvalidRequest("Idempotency-Key must be 1-200 characters")
     agent_id, body_hash = principal.agent.id, _body_hash(wallet_id, method, body)
     deadline = asyncio.get_running_loop().time() + IDEMPOTENCY_WAIT
-    try:
-        while True:
-            claim = Claim(agent_id, idempotency_key, secrets.token_hex(16), body_hash)
-            try:
-                return await _submit_claimed(ctx, principal, wallet_id, method, body, claim)
-            except ClaimTaken:
-                pass
-            answer = await _answer_for(ctx, claim, deadline)
-            if answer is not None:
-                return answer
-    finally:
-        await ctx.shared.wake(f"idem:{agent_id}:{idempotency_key}")  # replays waiting on this key
+    while True:
+        claim = Claim(agent_id, idempotency_key, secrets.token_hex(16), body_hash)
+        try:
+            return await _submit_claimed(ctx, principal, wallet_id, method, body, claim)
+        except ClaimTaken:
+            pass
+        answer = await _answer_for(ctx, claim, deadline)
+        if answer is not None:
+            return answer
 
 
 async def _submit_claimed(
@@ -667,7 +668,7 @@ async def _submit(
     if queued:
         ctx.outbox_wake.set()  # webhook deliveries committed with the decision
     if signature is not None:
-        await _after_signing(ctx, payment_id, signature)  # raises the signer's error if it failed
+        _after_signing(signature)  # raises the signer's error if it failed
     if decision.outcome == "deny":
         raise _denial(payment_id, decision)
     if answer is None:
@@ -927,9 +928,12 @@ async def _record_signing(
     )
 
 
-async def _after_signing(ctx: Context, payment_id: str, signature: Signature) -> dict[str, Any]:
-    """After the commit: wake whoever waits on the payment; hand out the result or raise the signer's error."""
-    await ctx.shared.wake(f"payment:{payment_id}")
+def _after_signing(signature: Signature) -> dict[str, Any]:
+    """After the commit: hand out the result, or raise the signer's error.
+
+    Nobody waits on a payment signed on its first request: its id is only known from this
+    answer. Approvals wake the payment's long polls themselves (:func:`vote`).
+    """
     if signature.result is None:
         raise signature.error or DependencyUnavailable("the signer gave no signature")
     failpoints.hit("payment.after_record")
@@ -1169,7 +1173,7 @@ async def _vote(
             now,
         )
         await _record_signing(ctx, conn, payment_id, row.wallet_id, signature, now)
-    result = await _after_signing(ctx, payment_id, signature)
+    result = _after_signing(signature)
     return {"payment_id": payment_id, "status": "signed", "result": result}
 
 
