@@ -37,7 +37,8 @@ OperatorId = Annotated[str, Path(pattern=ID_PATTERN, description="An operator id
 WebhookId = Annotated[str, Path(pattern=ID_PATTERN, description="A webhook id (`whk_…`).")]
 
 
-def _context(request: Request) -> Context:
+async def _context(request: Request) -> Context:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per request.
     ctx: Context = request.app.state.ctx
     return ctx
 
