@@ -343,7 +343,7 @@ _INSERT_PENDING = insert(audit_pending)
 _INSERT_EVENTS = insert(audit_events)
 _PENDING = select(audit_pending).order_by(audit_pending.c.id).limit(bindparam("batch"))
 _SEAL_BATCH: Final = 1000
-Record = tuple[datetime, str, str, str | None, dict[str, Any], str]
+_Prepared = tuple[datetime, str, str, str | None, dict[str, Any], str]
 
 
 def _unavailable(error: DBAPIError) -> Exception:
@@ -356,6 +356,17 @@ def _unavailable(error: DBAPIError) -> Exception:
 def as_utc_aware(at: datetime) -> datetime:
     """A stored timestamp as UTC (SQLite hands it back without a zone)."""
     return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One event to record inside a caller's transaction (see :meth:`AuditLog.append_all_in`)."""
+
+    kind: str
+    actor: str
+    subject: str | None = None
+    data: Mapping[str, Any] | None = None
+    at: datetime | None = None
 
 
 class AuditLog:
@@ -394,10 +405,16 @@ class AuditLog:
         The record is queued (``audit_pending``), not chained: the caller's transaction takes no
         lock of the log's. It is chained at the next :meth:`seal`, before anyone can read it.
         """
-        at, _, text = _prepare(kind, actor, subject, data, at)
-        values = {"at": at, "kind": kind, "actor": actor, "subject": subject, "data": text}
+        await self.append_all_in(conn, [Record(kind, actor, subject, data, at)])
+
+    async def append_all_in(self, conn: AsyncConnection, records: Sequence[Record]) -> None:
+        """Record several events inside the caller's open transaction, in this order, in one statement."""
+        rows = []
+        for record in records:
+            at, _, text = _prepare(record.kind, record.actor, record.subject, record.data, record.at)
+            rows.append({"at": at, "kind": record.kind, "actor": record.actor, "subject": record.subject, "data": text})
         try:
-            await conn.execute(_INSERT_PENDING, values)
+            await conn.execute(_INSERT_PENDING, rows[0] if len(rows) == 1 else rows)
         except DBAPIError as error:
             raise _unavailable(error) from None
 
@@ -419,7 +436,7 @@ class AuditLog:
         except (AuditTampered, AuditUnavailable, DBAPIError) as error:
             _log.warning("audit records could not be chained before reading: %s", type(error).__name__)
 
-    async def _chain(self, conn: AsyncConnection, own: Record | None = None) -> list[AuditEvent]:
+    async def _chain(self, conn: AsyncConnection, own: _Prepared | None = None) -> list[AuditEvent]:
         """Under the head's lock: chain up to a batch of pending records, then ``own``."""
         statements = _statements(conn.dialect.name)
         try:
@@ -429,7 +446,7 @@ class AuditLog:
             if head is None:
                 raise AuditTampered("the audit chain head (audit_head id 1) is missing; run `custody audit verify`")
             pending = (await conn.execute(_PENDING, {"batch": _SEAL_BATCH})).all()
-            records: list[Record] = [
+            records: list[_Prepared] = [
                 (as_utc_aware(row.at), row.kind, row.actor, row.subject, json.loads(row.data), row.data)
                 for row in pending
             ]

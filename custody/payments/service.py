@@ -41,6 +41,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from custody import failpoints
+from custody.audit.log import Record
 from custody.chain import DecodeError, decode_message, decode_transaction, decode_typed_data
 from custody.errors import (
     Conflict,
@@ -766,12 +767,11 @@ async def _decide_and_record(
             },
             now,
         )
-    await ctx.audit.append_in(
-        conn,
+    decided = Record(
         "payment.decided",
-        actor=f"agent:{agent_id}",
-        subject=payment_id,
-        data={
+        f"agent:{agent_id}",
+        payment_id,
+        {
             "wallet_id": wallet_id,
             "method": method,
             "intent": _intent_summary(intent),
@@ -779,8 +779,12 @@ async def _decide_and_record(
             "reasons": [{"code": r.code, "rule_id": r.rule_id} for r in decision.reasons],
         },
     )
-    if signature is not None:
-        queued += await _record_signing(ctx, conn, payment_id, wallet_id, signature, now, webhooks=standing.webhooks)
+    if signature is None:
+        await ctx.audit.append_all_in(conn, [decided])
+    else:
+        queued += await _record_signing(
+            ctx, conn, payment_id, wallet_id, signature, now, webhooks=standing.webhooks, first=decided
+        )
     return decision, signature, queued
 
 
@@ -907,20 +911,22 @@ async def _record_signing(
     now: datetime,
     *,
     webhooks: bool = True,
+    first: Record | None = None,
 ) -> int:
     """In the decision's transaction: the audit record of the signature (or of its failure) and its webhooks.
 
-    Returns how many webhook deliveries were queued (``webhooks=False``: none are registered,
-    as read under the wallet lock, so none are looked for).
+    ``first`` is a record to write before it, in the same statement (the decision's). Returns how
+    many webhook deliveries were queued (``webhooks=False``: none are registered, as read
+    under the wallet lock, so none are looked for).
     """
+    before = [first] if first is not None else []
     if signature.result is None:
-        await ctx.audit.append_in(
-            conn, "payment.sign_failed", actor="signer", subject=payment_id, data={"code": signature.code}
-        )
+        failed = Record("payment.sign_failed", "signer", payment_id, {"code": signature.code})
+        await ctx.audit.append_all_in(conn, [*before, failed])
         return 0
     # The transaction hash or the message hash: what was signed, never key material.
     digest = signature.result.get("hash") or signature.result.get("message_hash")
-    await ctx.audit.append_in(conn, "payment.signed", actor="signer", subject=payment_id, data={"hash": digest})
+    await ctx.audit.append_all_in(conn, [*before, Record("payment.signed", "signer", payment_id, {"hash": digest})])
     if not webhooks:
         return 0
     return await outbox.enqueue(

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from custody.audit import AuditLog
-from custody.audit.log import audit_events, audit_pending
+from custody.audit.log import Record, audit_events, audit_pending
 from custody.audit.sealer import Sealer
 from custody.services.context import Context
 from custody.settings import Settings
@@ -32,6 +32,31 @@ async def test_a_record_written_in_a_transaction_waits_unchained_until_sealed(lo
     events = await log.events()
     assert [(e.seq, e.kind) for e in events] == [(1, "payment.decided"), (2, "payment.signed")]
     assert (await log.verify()).ok
+
+
+async def test_records_written_together_are_chained_in_their_order(log: AuditLog) -> None:
+    records = [
+        Record("payment.decided", "agent:agt_1", "pay_1", {"outcome": "allow"}),
+        Record("payment.signed", "signer", "pay_1", {"hash": "0x01"}),
+        Record("payment.decided", "agent:agt_1", "pay_2", {"outcome": "deny"}),
+    ]
+    async with log.engine.begin() as conn:
+        await log.append_all_in(conn, records)
+    assert await _counts(log) == (0, 3)
+    events = await log.events()
+    assert [(e.kind, e.subject, e.data) for e in events] == [(r.kind, r.subject, r.data) for r in records]
+    assert (await log.verify()).ok
+
+
+async def test_one_refused_record_writes_none_of_its_batch(log: AuditLog) -> None:
+    records = [
+        Record("payment.decided", "agent:agt_1", "pay_1", {"outcome": "allow"}),
+        Record("payment.signed", "signer", "pay_1", {"private_key": "0x" + "11" * 32}),
+    ]
+    async with log.engine.begin() as conn:
+        with pytest.raises(ValueError, match="looks like a secret"):
+            await log.append_all_in(conn, records)
+    assert await _counts(log) == (0, 0)
 
 
 async def test_every_read_of_the_log_chains_pending_records_first(log: AuditLog) -> None:
