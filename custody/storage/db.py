@@ -28,6 +28,8 @@ _MIGRATION_LOCK = 0x637573746F6479  # arbitrary, constant across replicas
 
 
 _writers: weakref.WeakKeyDictionary[Any, dict[asyncio.AbstractEventLoop, asyncio.Lock]] = weakref.WeakKeyDictionary()
+# How long a SQLite writer waits for the process's write lock (the engine's ``timeout``).
+_writer_waits: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
 def _writer_lock(engine: AsyncEngine) -> asyncio.Lock:
@@ -51,15 +53,31 @@ async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnectio
     handler (in steps of up to 100 ms) while the event loop could have run the next one, so
     under load they would wait seconds for what takes milliseconds. (Other processes sharing
     the file still meet the busy handler.) PostgreSQL ignores both; its row locks do the work.
+    A writer that waits longer than the engine's ``timeout`` for the asyncio lock gets a
+    timeout error (503 ``database_unavailable``), never an endless queue: a payment holds the
+    lock while the signer signs, so a stalled signer would otherwise stall every writer.
     """
     if engine.dialect.name != "sqlite":
         async with engine.connect() as conn, conn.begin():
             yield conn
         return
-    async with _writer_lock(engine), engine.connect() as conn:
-        conn = await conn.execution_options(sqlite_immediate=True)
-        async with conn.begin():
-            yield conn
+    lock = _writer_lock(engine)
+    wait = _writer_waits.get(engine.sync_engine, 10.0)
+    try:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation that
+        # arrives as the lock is granted, and a stopping task would then never stop.
+        async with asyncio.timeout(wait):
+            await lock.acquire()
+    except TimeoutError:
+        # A writer ahead holds it for too long (a payment waits for a stalled signer): an outage, not a hang.
+        raise SATimeoutError(f"waited {wait:g} s for the database's write lock") from None
+    try:
+        async with engine.connect() as conn:
+            conn = await conn.execution_options(sqlite_immediate=True)
+            async with conn.begin():
+                yield conn
+    finally:
+        lock.release()
 
 
 @asynccontextmanager
@@ -95,6 +113,7 @@ def create_engine(url: str, *, timeout: float = 10.0) -> AsyncEngine:
     """An engine whose every wait is bounded by ``timeout`` seconds (a stalled database is an outage, not a hang)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
+        _writer_waits[engine.sync_engine] = timeout
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:

@@ -1,0 +1,45 @@
+"""SQLite's writers queue on one lock per process; the wait is bounded, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import TimeoutError as SATimeoutError
+
+from custody.storage.db import create_engine, is_database_outage, write_transaction
+
+
+async def test_a_writer_waits_at_most_the_timeout_for_the_write_lock(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", timeout=0.3)
+    try:
+        async with write_transaction(engine) as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        holding, done = asyncio.Event(), asyncio.Event()
+
+        async def slow_writer() -> None:  # as a payment whose signer stalls
+            async with write_transaction(engine) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+                holding.set()
+                await done.wait()
+
+        holder = asyncio.create_task(slow_writer())
+        await holding.wait()
+        started = time.monotonic()
+        with pytest.raises(SATimeoutError) as caught:
+            async with write_transaction(engine) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (2)"))
+        assert 0.25 <= time.monotonic() - started < 2.0
+        assert is_database_outage(caught.value)  # answered as 503 database_unavailable
+        done.set()
+        await holder
+        # The lock was not lost to the writer that gave up: the next one goes through.
+        async with write_transaction(engine) as conn:
+            await conn.execute(text("INSERT INTO t VALUES (3)"))
+        async with engine.connect() as conn:
+            assert [r.x for r in await conn.execute(text("SELECT x FROM t ORDER BY x"))] == [1, 3]
+    finally:
+        await engine.dispose()
