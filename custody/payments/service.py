@@ -375,10 +375,7 @@ async def _recover_claim(ctx: Context, agent_id: str, key: str, owner: str | Non
 
 
 async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, response: Response) -> None:
-    """In a payment's transaction: tie the claim to its payment and its final answer.
-
-    If a retry took the claim over meanwhile, this attempt must not record anything.
-    """
+    """In a payment's transaction: tie the claim to its payment and its final answer."""
     if claim is None:
         return
     values: dict[str, Any] = {
@@ -391,7 +388,9 @@ async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, res
     }
     result = await conn.execute(_BIND_ANSWER, values)
     if result.rowcount != 1:
-        raise Conflict("a retry with this Idempotency-Key took over this request")
+        # The claim was inserted by this transaction and nobody else can see it yet. Not a
+        # CustodyError: that would be stored as the key's answer; this rolls back and forgets.
+        raise RuntimeError("the Idempotency-Key claim of this transaction is gone")
 
 
 async def _settle(ctx: Context, claim: Claim, response: Response | None) -> None:
@@ -506,8 +505,9 @@ async def _submit_claimed(
         await _settle(ctx, claim, None)  # transient: a retry may succeed
         raise
     except CustodyError as error:
-        # Denials were stored with the decision; this stores refusals made before one.
-        await _settle(ctx, claim, Response(error.status, error.to_problem()))
+        # Decided answers were stored with the decision; this stores refusals made before one.
+        # A server-side failure (5xx) is not an answer to keep: a retry may succeed.
+        await _settle(ctx, claim, Response(error.status, error.to_problem()) if error.status < 500 else None)
         raise
     except BaseException:
         await _settle(ctx, claim, None)
@@ -527,8 +527,8 @@ class Standing:
     webhooks: bool  # whether any webhook is registered (none: no deliveries to queue)
 
 
-@functools.lru_cache(maxsize=4)
-def _standing_statement(dialect: str) -> Any:
+@functools.cache
+def _standing_statement() -> Any:
     from custody.payments.documents import agent_grants, wallet_policies
     from custody.storage.sql import wallet_keys, wallets
     from custody.webhooks.outbox import webhooks
@@ -559,7 +559,7 @@ def _standing_statement(dialect: str) -> Any:
         .where(agent_grants.c.agent_id == agent_id, agent_grants.c.wallet_id == wallet_id)
         .scalar_subquery()
     )
-    query = (
+    return (
         select(
             frozen.label("frozen"),
             policy.label("policy"),
@@ -577,17 +577,18 @@ def _standing_statement(dialect: str) -> Any:
         )
         .where(wallets.c.id == wallet_id)
     )
-    return query.with_for_update(of=wallets) if dialect == "postgresql" else query
 
 
 async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Standing:
-    """Lock the wallet; read its freezes, policy, the agent's grant, its key and the webhooks: one statement.
+    """Lock the wallet, then read its freezes, policy, the agent's grant, its key and the webhooks.
 
-    PostgreSQL locks the wallet's row (``FOR UPDATE OF wallets``); SQLite's transaction holds
-    the database's write lock already (``BEGIN IMMEDIATE``).
+    On PostgreSQL the lock is a statement of its own: a statement reads the data committed
+    when it started, so a read that waited for the lock inside the same statement would miss
+    a freeze or a policy committed while it waited. SQLite's transaction holds the database's
+    write lock from its start (``BEGIN IMMEDIATE``).
     """
-    statement = _standing_statement(conn.dialect.name)
-    row = (await conn.execute(statement, {"wallet": wallet_id, "agent": agent_id})).first()
+    await _locked(conn, wallet_id)
+    row = (await conn.execute(_standing_statement(), {"wallet": wallet_id, "agent": agent_id})).first()
     if row is None:
         raise NotFound("no such wallet")
     scope = row.frozen
@@ -596,11 +597,17 @@ async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Sta
     return Standing(frozen_text, row.policy, row.grant, row.address, envelope, bool(row.webhooks))
 
 
-async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
-    if conn.dialect.name == "postgresql":
-        from custody.storage.sql import wallets
+@functools.cache
+def _lock_statement() -> Any:
+    from custody.storage.sql import wallets
 
-        await conn.execute(select(wallets.c.id).where(wallets.c.id == wallet_id).with_for_update())
+    return select(wallets.c.id).where(wallets.c.id == bindparam("wallet")).with_for_update()
+
+
+async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
+    """Take the wallet's write lock (PostgreSQL; SQLite's write transaction already holds one)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_lock_statement(), {"wallet": wallet_id})
 
 
 async def _submit(
@@ -654,7 +661,7 @@ async def _submit(
                     # The answer, whatever it is, commits with the decision and is what a replay gets.
                     await _bind(conn, claim, payment_id, answer)
                 elif claim is not None:
-                    # The signer failed: nothing was signed, so a retry with this key runs afresh.
+                    # The signer was unavailable: nothing was signed, so a retry with this key runs afresh.
                     await conn.execute(delete(idempotency_keys).where(claim.where()))
     except CustodyError as error:
         if error is undecided:
@@ -673,7 +680,7 @@ async def _submit(
     if decision.outcome == "deny":
         raise _denial(payment_id, decision)
     if answer is None:
-        raise DependencyUnavailable("the signer gave no signature")
+        raise DependencyUnavailable("the signer gave no signature")  # not reached: _after_signing raised
     return answer
 
 
@@ -689,15 +696,24 @@ async def _refused(ctx: Context, agent_id: str, wallet_id: str, method: str, err
 
 
 def _answer(payment_id: str, decision: Decision, signature: Signature | None, now: datetime) -> Response | None:
-    """The response to a decided request; None when the signer failed (the error is the answer)."""
+    """The answer to keep for a decided request; None when the same request may succeed if retried.
+
+    The signer's refusal of the request itself (a 4xx) is kept: it would refuse it again. A
+    signer that is unavailable or failed inside (5xx) leaves no answer, so a retry runs afresh.
+    """
     if decision.outcome == "deny":
         denied = _denial(payment_id, decision)
         return Response(denied.status, denied.to_problem())
     if decision.outcome == "needs_approval":
         return Response(202, _pending_body(payment_id, decision, now + APPROVAL_TTL))
-    if signature is None or signature.result is None:
+    if signature is None:
         return None
-    return Response(200, {"status": "signed", "payment_id": payment_id, "result": signature.result})
+    if signature.result is not None:
+        return Response(200, {"status": "signed", "payment_id": payment_id, "result": signature.result})
+    error = signature.error
+    if isinstance(error, CustodyError) and error.status < 500:
+        return Response(error.status, error.to_problem())
+    return None
 
 
 def _denial(payment_id: str, decision: Decision) -> PolicyDenied:

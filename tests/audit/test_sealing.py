@@ -48,7 +48,7 @@ async def test_records_written_together_are_chained_in_their_order(log: AuditLog
     assert (await log.verify()).ok
 
 
-async def test_one_refused_record_writes_none_of_its_batch(log: AuditLog) -> None:
+async def test_a_record_refused_by_validation_writes_none_of_its_batch(log: AuditLog) -> None:
     records = [
         Record("payment.decided", "agent:agt_1", "pay_1", {"outcome": "allow"}),
         Record("payment.signed", "signer", "pay_1", {"private_key": "0x" + "11" * 32}),

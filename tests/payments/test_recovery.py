@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from web3 import Web3
 
 from custody import failpoints
-from custody.errors import Conflict, SignerUnavailable
+from custody.errors import AuditUnavailable, InvalidTransaction, KeyDecryptionError, SignerUnavailable
 from custody.payments import service
 from custody.payments.ledger import ledger_entries, payments
 from custody.payments.service import Claim, idempotency_keys, recover_interrupted
@@ -115,7 +115,7 @@ async def test_the_sweep_leaves_a_fresh_reservation_alone(api: API) -> None:
     ctx = _ctx(api)
     wallet_id, headers = await _setup(api)
     payment_id = (await _pay(api, wallet_id, headers, 0, "k0")).json()["payment_id"]
-    async with ctx.engine.begin() as conn:  # reserved a moment ago: its request is still signing
+    async with ctx.engine.begin() as conn:  # reserved a moment ago (an earlier version's request, still signing)
         await conn.execute(update(payments).where(payments.c.id == payment_id).values(status="reserved"))
     assert await recover_interrupted(ctx) == 0
     assert (await _payment(ctx, payment_id)).status == "reserved"
@@ -243,10 +243,111 @@ async def test_a_signer_failure_records_a_failed_payment_and_frees_the_key(
     assert await _remaining(api, wallet_id, headers) == before - (EACH + GAS)
 
 
-async def test_an_attempt_whose_claim_was_taken_over_decides_nothing(api: API) -> None:
+async def test_a_signature_whose_records_cannot_be_written_is_never_handed_out(
+    api: API, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _ctx(api)
+    wallet_id, headers = await _setup(api)
+    before = await _remaining(api, wallet_id, headers)
+    append = ctx.audit.append_all_in
+
+    async def full(conn: Any, records: Any) -> None:
+        if any(record.kind == "payment.signed" for record in records):
+            raise AuditUnavailable("the audit storage is full")
+        await append(conn, records)
+
+    monkeypatch.setattr(ctx.audit, "append_all_in", full)
+    failed = await _pay(api, wallet_id, headers, 0, "invoice-8")
+    assert (failed.status_code, failed.json()["code"]) == (503, "audit_unavailable")
+    assert "raw_transaction" not in failed.text
+    # Signed, then rolled back with everything else: no payment, no debit, no claim.
+    assert await _rows(ctx, wallet_id) == []
+    assert await _claims(ctx) == []
+    assert await _remaining(api, wallet_id, headers) == before
+
+    monkeypatch.setattr(ctx.audit, "append_all_in", append)
+    retry = await _pay(api, wallet_id, headers, 0, "invoice-8")
+    assert retry.status_code == 200, retry.text
+
+
+async def test_a_signer_refusal_is_the_keys_answer_and_a_signer_fault_is_not(
+    api: API, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _ctx(api)
+    wallet_id, headers = await _setup(api)
+    before = await _remaining(api, wallet_id, headers)
+
+    async def refuse(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        raise InvalidTransaction("the signer cannot sign this transaction")
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", refuse)
+    refused = await _pay(api, wallet_id, headers, 0, "invoice-9")
+    assert (refused.status_code, refused.json()["code"]) == (400, "invalid_transaction")
+    [row] = await _rows(ctx, wallet_id)
+    assert (row.status, await _entries(ctx, row.id)) == ("failed", 0)
+    # The same request would be refused again: its answer is kept, tied to its payment, in one commit.
+    [claim] = await _claims(ctx)
+    assert (claim.payment_id, claim.status_code) == (row.id, 400)
+    replay = await _pay(api, wallet_id, headers, 0, "invoice-9")
+    assert (replay.status_code, replay.json()["code"]) == (400, "invalid_transaction")
+    assert len(await _rows(ctx, wallet_id)) == 1
+
+    async def broken(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        raise KeyDecryptionError()
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", broken)
+    fault = await _pay(api, wallet_id, headers, 1, "invoice-10")
+    assert (fault.status_code, fault.json()["code"]) == (500, "key_decryption_failed")
+    # A fault on the server's side is no answer to keep: a retry runs afresh.
+    assert [c.key for c in await _claims(ctx)] == ["invoice-9"]
+    assert await _remaining(api, wallet_id, headers) == before
+
+
+async def _waiting_on_a_lock(ctx: Context) -> int:
+    async with ctx.engine.connect() as conn:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return int((await conn.execute(query)).scalar_one())
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def test_a_freeze_committed_while_a_payment_waits_for_its_wallet_stops_that_payment(
+    api: API, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL only: SQLite's write lock is taken before anything is read, so a freeze waits its turn there."""
+    client, _ = api
+    ctx = _ctx(api)
+    wallet_id, headers = await _setup(api)
+    asked, release = asyncio.Event(), asyncio.Event()
+    sign = ctx.signer.sign_transaction
+
+    async def first_one_held(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        if not asked.is_set():
+            asked.set()
+            await release.wait()
+        return await sign(envelope, transaction)
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", first_one_held)
+    first = asyncio.create_task(_pay(api, wallet_id, headers, 0, "invoice-11"))
+    await asyncio.wait_for(asked.wait(), 10)  # the first payment holds the wallet's lock, signing
+    second = asyncio.create_task(_pay(api, wallet_id, headers, 1, "invoice-12"))
+    async with asyncio.timeout(10):
+        while await _waiting_on_a_lock(ctx) < 1:  # noqa: ASYNC110 - the wait is in PostgreSQL
+            await asyncio.sleep(0.02)
+    frozen = await client.post("/admin/v1/freezes", json={"scope": "wallet", "target": wallet_id})
+    assert frozen.status_code == 204
+    release.set()
+    assert (await first).status_code == 200  # decided before the freeze
+    stopped = await second
+    assert (stopped.status_code, stopped.json()["code"]) == (423, "frozen")
+
+
+async def test_binding_a_claim_the_transaction_does_not_hold_is_a_fault_not_an_answer(api: API) -> None:
     ctx = _ctx(api)
     async with ctx.engine.begin() as conn:
-        with pytest.raises(Conflict):
+        # Not a CustodyError: that would be stored as the key's answer for good.
+        with pytest.raises(RuntimeError):
             await service._bind(conn, Claim("agent", "key", "not-the-owner"), "pay_x", service.Response(200, {}))
 
 
