@@ -74,9 +74,7 @@ async def _run(settings: Settings, short_dir: Path, rounds: int, probability: fl
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     token = await first_admin_token(settings)
-    failpoints = ",".join(
-        f"{name}={probability}" for name in ("payment.after_sign", "payment.after_record")
-    )
+    failpoints = ",".join(f"{name}={probability}" for name in ("payment.after_sign", "payment.after_record"))
     signer = signer_process(settings, short_dir / "signer.log", failpoints=f"signer.after_sign={probability}")
     api = api_process(
         settings,

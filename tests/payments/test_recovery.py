@@ -367,4 +367,3 @@ def test_production_refuses_failpoints(tmp_path: Any) -> None:
     assert any("CUSTODY_FAILPOINTS" in problem for problem in settings.production_problems("api"))
     assert any("CUSTODY_FAILPOINTS" in problem for problem in settings.production_problems("signer"))
     assert sum("CUSTODY_FAILPOINTS" in problem for problem in settings.production_problems("both")) == 1
-

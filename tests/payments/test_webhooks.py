@@ -103,6 +103,7 @@ async def test_a_failing_endpoint_is_retried_until_it_answers(api: API) -> None:
         assert (await _pay(client, headers, payer["id"], 1)).status_code == 200
         await _until(lambda: len(receiver.received) == 1)
     assert receiver.calls == 3
+
     # The dispatcher records the delivery once the receiver's answer is back: give it that moment.
     async def delivered() -> list[dict[str, Any]]:
         response = await client.get("/admin/v1/webhooks/deliveries", params={"status": "delivered"})
