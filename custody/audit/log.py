@@ -413,6 +413,8 @@ class AuditLog:
         for record in records:
             at, _, text = _prepare(record.kind, record.actor, record.subject, record.data, record.at)
             rows.append({"at": at, "kind": record.kind, "actor": record.actor, "subject": record.subject, "data": text})
+        if not rows:
+            return
         try:
             await conn.execute(_INSERT_PENDING, rows[0] if len(rows) == 1 else rows)
         except DBAPIError as error:

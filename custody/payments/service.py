@@ -882,7 +882,6 @@ async def _reserve(
 class Signature:
     """What the signer gave for a payment: its result, or the error that stopped it."""
 
-    method: str
     result: dict[str, Any] | None
     error: Exception | None = None
 
@@ -910,12 +909,12 @@ async def _signature(ctx: Context, method: str, body: Mapping[str, Any], envelop
         else:
             result = await ctx.signer.sign_message(envelope, str(body["message"]))
     except Exception as error:  # recorded with the payment, raised after the commit
-        signature = Signature(method, None, error)
+        signature = Signature(None, error)
         ctx.metrics.signed(method, started, error=signature.code)
         return signature
     ctx.metrics.signed(method, started)
     failpoints.hit("payment.after_sign")
-    return Signature(method, result)
+    return Signature(result)
 
 
 async def _record_signing(

@@ -30,7 +30,7 @@ def _envelope(row: Any) -> KeyEnvelope:
     return KeyEnvelope(row.wallet_id, row.key_version, row.kek_version, bytes(row.wrapped_dek), bytes(row.ciphertext))
 
 
-# On every payment: built once (building a statement costs about as much as running it).
+# Built once: building a statement costs about as much as running it.
 _WITH_ENVELOPE = (
     select(wallets, wallet_keys.c.kek_version, wallet_keys.c.wrapped_dek, wallet_keys.c.ciphertext)
     .join(
