@@ -167,12 +167,19 @@ def signer(settings: Settings) -> Iterator[SignerThread]:
 
 
 @pytest.fixture
-async def ctx(settings: Settings, signer: SignerThread) -> AsyncIterator[Context]:
+async def opened(settings: Settings) -> AsyncIterator[Context]:
+    """The service context on the test's backend, without a signer (for what never signs)."""
     context = await Context.open(settings)
     try:
         yield context
     finally:
         await context.close()
+
+
+@pytest.fixture
+def ctx(signer: SignerThread, opened: Context) -> Context:
+    """The service context with the real signer running (started first, stopped last)."""
+    return opened
 
 
 @pytest.fixture

@@ -1,23 +1,11 @@
-"""An opened service context and its audit log, on each backend (``settings`` is parametrized)."""
+"""The audit log over an opened service context (``opened`` from tests/conftest.py), on each backend."""
 
 from __future__ import annotations
-
-from collections.abc import AsyncIterator
 
 import pytest
 
 from custody.audit import AuditLog
 from custody.services.context import Context
-from custody.settings import Settings
-
-
-@pytest.fixture
-async def opened(settings: Settings) -> AsyncIterator[Context]:
-    context = await Context.open(settings)
-    try:
-        yield context
-    finally:
-        await context.close()
 
 
 @pytest.fixture

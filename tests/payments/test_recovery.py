@@ -214,6 +214,13 @@ async def test_nothing_of_a_payment_commits_before_its_signature(api: API, monke
     assert (claim.status_code, json.loads(claim.response)) == (200, paid.json())
 
 
+def _signer_raises(monkeypatch: pytest.MonkeyPatch, ctx: Context, error: Exception) -> None:
+    async def failing(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
+        raise error
+
+    monkeypatch.setattr(ctx.signer, "sign_transaction", failing)
+
+
 async def test_a_signer_failure_records_a_failed_payment_and_frees_the_key(
     api: API, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,11 +228,7 @@ async def test_a_signer_failure_records_a_failed_payment_and_frees_the_key(
     wallet_id, headers = await _setup(api)
     before = await _remaining(api, wallet_id, headers)
     sign = ctx.signer.sign_transaction
-
-    async def unavailable(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
-        raise SignerUnavailable("the signer is restarting")
-
-    monkeypatch.setattr(ctx.signer, "sign_transaction", unavailable)
+    _signer_raises(monkeypatch, ctx, SignerUnavailable("the signer is restarting"))
     failed = await _pay(api, wallet_id, headers, 0, "invoice-6")
     assert (failed.status_code, failed.json()["code"]) == (503, "signer_unavailable")
     [row] = await _rows(ctx, wallet_id)
@@ -276,11 +279,7 @@ async def test_a_signer_refusal_is_the_keys_answer_and_a_signer_fault_is_not(
     ctx = _ctx(api)
     wallet_id, headers = await _setup(api)
     before = await _remaining(api, wallet_id, headers)
-
-    async def refuse(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
-        raise InvalidTransaction("the signer cannot sign this transaction")
-
-    monkeypatch.setattr(ctx.signer, "sign_transaction", refuse)
+    _signer_raises(monkeypatch, ctx, InvalidTransaction("the signer cannot sign this transaction"))
     refused = await _pay(api, wallet_id, headers, 0, "invoice-9")
     assert (refused.status_code, refused.json()["code"]) == (400, "invalid_transaction")
     [row] = await _rows(ctx, wallet_id)
@@ -292,10 +291,7 @@ async def test_a_signer_refusal_is_the_keys_answer_and_a_signer_fault_is_not(
     assert (replay.status_code, replay.json()["code"]) == (400, "invalid_transaction")
     assert len(await _rows(ctx, wallet_id)) == 1
 
-    async def broken(envelope: Any, transaction: dict[str, Any]) -> dict[str, Any]:
-        raise KeyDecryptionError()
-
-    monkeypatch.setattr(ctx.signer, "sign_transaction", broken)
+    _signer_raises(monkeypatch, ctx, KeyDecryptionError())
     fault = await _pay(api, wallet_id, headers, 1, "invoice-10")
     assert (fault.status_code, fault.json()["code"]) == (500, "key_decryption_failed")
     # A fault on the server's side is no answer to keep: a retry runs afresh.
