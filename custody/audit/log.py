@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from custody.audit.models import AuditEventRow, AuditHeadRow, AuditPendingRow
 from custody.errors import AuditUnavailable, CustodyError
 from custody.storage.db import is_database_outage, write_transaction
+from custody.storage.prepared import Prepared
 
 GENESIS_HASH: Final = "0" * 64
 """The ``prev_hash`` of the first record (and the head's hash while the log is empty)."""
@@ -339,11 +340,11 @@ def _statements(dialect: str) -> _Statements:
     return _Statements(take_lock if dialect == "sqlite" else None, head, advance)
 
 
-_INSERT_PENDING = insert(audit_pending)
+_INSERT_PENDING = Prepared.insert(audit_pending, "at", "kind", "actor", "subject", "data")
 _INSERT_EVENTS = insert(audit_events)
 _PENDING = select(audit_pending).order_by(audit_pending.c.id).limit(bindparam("batch"))
 _SEAL_BATCH: Final = 1000
-_Prepared = tuple[datetime, str, str, str | None, dict[str, Any], str]
+_Staged = tuple[datetime, str, str, str | None, dict[str, Any], str]
 
 
 def _unavailable(error: DBAPIError) -> Exception:
@@ -416,7 +417,7 @@ class AuditLog:
         if not rows:
             return
         try:
-            await conn.execute(_INSERT_PENDING, rows[0] if len(rows) == 1 else rows)
+            await _INSERT_PENDING.run(conn, rows[0] if len(rows) == 1 else rows)
         except DBAPIError as error:
             raise _unavailable(error) from None
 
@@ -438,7 +439,7 @@ class AuditLog:
         except (AuditTampered, AuditUnavailable, DBAPIError) as error:
             _log.warning("audit records could not be chained before reading: %s", type(error).__name__)
 
-    async def _chain(self, conn: AsyncConnection, own: _Prepared | None = None) -> list[AuditEvent]:
+    async def _chain(self, conn: AsyncConnection, own: _Staged | None = None) -> list[AuditEvent]:
         """Under the head's lock: chain up to a batch of pending records, then ``own``."""
         statements = _statements(conn.dialect.name)
         try:
@@ -448,7 +449,7 @@ class AuditLog:
             if head is None:
                 raise AuditTampered("the audit chain head (audit_head id 1) is missing; run `custody audit verify`")
             pending = (await conn.execute(_PENDING, {"batch": _SEAL_BATCH})).all()
-            records: list[_Prepared] = [
+            records: list[_Staged] = [
                 (as_utc_aware(row.at), row.kind, row.actor, row.subject, json.loads(row.data), row.data)
                 for row in pending
             ]

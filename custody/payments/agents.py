@@ -21,6 +21,7 @@ from custody.errors import Conflict, InvalidRequest, NotFound, Unauthorized
 from custody.payments.models import AgentKeyRow, AgentRow
 from custody.services.context import Context
 from custody.storage.db import reading, write_transaction
+from custody.storage.prepared import Prepared
 from custody.storage.types import as_utc
 
 agents: Table = AgentRow.__table__  # type: ignore[attr-defined]
@@ -153,7 +154,7 @@ async def revoke_key(ctx: Context, agent_id: str, key_id: str, actor: str) -> No
         raise NotFound("no such active key")
 
 
-_KEY_LOOKUP = (
+_KEY_LOOKUP = Prepared(
     select(agent_keys, agents.c.name, agents.c.created_at.label("agent_created"))
     .join(agents, agents.c.id == agent_keys.c.agent_id)
     .where(agent_keys.c.id == bindparam("key"))
@@ -168,7 +169,7 @@ async def authenticate(ctx: Context, token: str | None) -> AgentPrincipal:
     row = None
     if prefix == KEY_PREFIX and key_id:
         async with reading(ctx.engine) as conn:
-            row = (await conn.execute(_KEY_LOOKUP, {"key": key_id})).first()
+            row = await _KEY_LOOKUP.first(conn, {"key": key_id})
     expected = row.secret_hash if row is not None else _DUMMY
     matches = hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), expected)
     now = datetime.now(UTC)

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Table, bindparam, delete, exists, func, insert, literal_column, select
+from sqlalchemy import Table, bindparam, delete, exists, func, literal_column, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from custody.payments.models import LedgerBucketRow, LedgerEntryRow, PaymentRow
+from custody.storage.prepared import Prepared
 from policies import Decision, Grant, Intent, Limit, Policy, SpendView, evaluate, limits
 
 ledger_entries: Table = LedgerEntryRow.__table__  # type: ignore[attr-defined]
@@ -126,7 +127,7 @@ Shape = tuple[Any, ...]
 
 
 @functools.lru_cache(maxsize=256)
-def _statement(dialect: str, shapes: tuple[Shape, ...]) -> Any:
+def _statement(dialect: str, shapes: tuple[Shape, ...]) -> Prepared:
     """One SELECT that answers every question of these shapes, built once (values are bound at execution)."""
     columns: list[Any] = []
     for n, shape in enumerate(shapes):
@@ -136,10 +137,11 @@ def _statement(dialect: str, shapes: tuple[Shape, ...]) -> Any:
             paid = select(payments.c.id).where(
                 payments.c.wallet_id == bindparam("wallet"),
                 payments.c.payee == bindparam(f"p{n}"),
-                payments.c.status.in_(SPENDING),
+                # Not IN (...): that would be expanded at every execution.
+                or_(*(payments.c.status == status for status in SPENDING)),
             )
             columns.append(exists(paid))
-    return select(*columns)
+    return Prepared(select(*columns))
 
 
 async def window_total(
@@ -151,7 +153,7 @@ async def window_total(
 
 
 @functools.lru_cache(maxsize=4)
-def _upsert(dialect: str) -> Any:
+def _upsert(dialect: str) -> Prepared:
     """Add to one hourly total (run with many parameter sets): built once, so its compiled form is cached.
 
     (A multi-row VALUES statement would save a round trip, but SQLAlchemy compiles it afresh every
@@ -159,19 +161,23 @@ def _upsert(dialect: str) -> Any:
     """
     keys = ["wallet_id", "counter", "agent_id", "bucket"]
     if dialect == "postgresql":
-        pg = postgresql.insert(ledger_buckets)
-        return pg.on_conflict_do_update(
-            # Written out: the column's Python-side type is text-backed, and would make "+" a concatenation.
-            index_elements=keys,
-            set_={"amount": literal_column("ledger_buckets.amount + excluded.amount")},
+        pg = postgresql.insert(ledger_buckets).values({name: bindparam(name) for name in [*keys, "amount"]})
+        return Prepared(
+            pg.on_conflict_do_update(
+                # Written out: the column's Python-side type is text-backed, and would make "+" a concatenation.
+                index_elements=keys,
+                set_={"amount": literal_column("ledger_buckets.amount + excluded.amount")},
+            )
         )
-    lite = sqlite.insert(ledger_buckets)
-    return lite.on_conflict_do_update(
-        index_elements=keys, set_={"amount": func.custody_add(ledger_buckets.c.amount, lite.excluded.amount)}
+    lite = sqlite.insert(ledger_buckets).values({name: bindparam(name) for name in [*keys, "amount"]})
+    return Prepared(
+        lite.on_conflict_do_update(
+            index_elements=keys, set_={"amount": func.custody_add(ledger_buckets.c.amount, lite.excluded.amount)}
+        )
     )
 
 
-_INSERT_ENTRIES = insert(ledger_entries)
+_INSERT_ENTRIES = Prepared.insert(ledger_entries, "payment_id", "wallet_id", "agent_id", "counter", "amount", "at")
 
 
 async def _bump(conn: AsyncConnection, changes: dict[tuple[str, str, str, datetime], int]) -> None:
@@ -182,7 +188,7 @@ async def _bump(conn: AsyncConnection, changes: dict[tuple[str, str, str, dateti
         {"wallet_id": wallet_id, "agent_id": agent_id, "counter": counter, "bucket": bucket, "amount": amount}
         for (wallet_id, agent_id, counter, bucket), amount in changes.items()
     ]
-    await conn.execute(_upsert(conn.dialect.name), values)
+    await _upsert(conn.dialect.name).run(conn, values)
 
 
 def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, datetime], int]:
@@ -199,7 +205,7 @@ def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, dateti
 async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     """Add ledger entries (a reservation) and their hourly totals, in the caller's transaction."""
     if rows:
-        await conn.execute(_INSERT_ENTRIES, rows)
+        await _INSERT_ENTRIES.run(conn, rows)
         await _bump(conn, _changes(rows, 1))
 
 
@@ -258,7 +264,8 @@ async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question
             shapes.append(("paid",))
             asked.append((question, 1))
     if shapes:
-        row = (await conn.execute(_statement(conn.dialect.name, tuple(shapes)), params)).one()
+        row = await _statement(conn.dialect.name, tuple(shapes)).first(conn, params)
+        assert row is not None  # a SELECT of scalar subqueries always has its one row
         at = 0
         for question, width in asked:
             values = row[at : at + width]

@@ -64,6 +64,7 @@ from custody.services.context import Context
 from custody.signer import evm
 from custody.storage.db import reading, write_transaction
 from custody.storage.interfaces import Operator
+from custody.storage.prepared import Prepared
 from custody.storage.types import as_utc
 from custody.webhooks import outbox
 from policies import Decision, Intent, Quorum, Reason
@@ -74,13 +75,17 @@ approval_votes: Table = ApprovalVoteRow.__table__  # type: ignore[attr-defined]
 freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
 # Statements of the payment path, built once (constructing one costs about as much as running it).
 _INSERT_CLAIM = insert(idempotency_keys)
-_INSERT_PAYMENT = insert(payments)
+_INSERT_PAYMENT = Prepared.insert(
+    payments,
+    *("id", "wallet_id", "agent_id", "key_id", "method", "request", "payee", "status", "decision", "result"),
+    *("quorum_group", "quorum_m", "created_at", "updated_at", "expires_at"),
+)
 _CLAIM_ROW = (
     (idempotency_keys.c.agent_id == bindparam("agent"))
     & (idempotency_keys.c.key == bindparam("idempotency_key"))
     & (idempotency_keys.c.owner == bindparam("claim_owner"))
 )
-_BIND_ANSWER = (
+_BIND_ANSWER = Prepared(
     update(idempotency_keys)
     .where(_CLAIM_ROW)
     .values(payment_id=bindparam("payment"), status_code=bindparam("status_code"), response=bindparam("response"))
@@ -386,8 +391,7 @@ async def _bind(conn: AsyncConnection, claim: Claim | None, payment_id: str, res
         "status_code": response.status_code,
         "response": json.dumps(response.body),
     }
-    result = await conn.execute(_BIND_ANSWER, values)
-    if result.rowcount != 1:
+    if await _BIND_ANSWER.run(conn, values) != 1:
         # The claim was inserted by this transaction and nobody else can see it yet. Not a
         # CustodyError: that would be stored as the key's answer; this rolls back and forgets.
         raise RuntimeError("the Idempotency-Key claim of this transaction is gone")
@@ -528,7 +532,7 @@ class Standing:
 
 
 @functools.cache
-def _standing_statement() -> Any:
+def _standing_statement() -> Prepared:
     from custody.payments.documents import agent_grants, wallet_policies
     from custody.storage.sql import wallet_keys, wallets
     from custody.webhooks.outbox import webhooks
@@ -559,7 +563,7 @@ def _standing_statement() -> Any:
         .where(agent_grants.c.agent_id == agent_id, agent_grants.c.wallet_id == wallet_id)
         .scalar_subquery()
     )
-    return (
+    return Prepared(
         select(
             frozen.label("frozen"),
             policy.label("policy"),
@@ -588,7 +592,7 @@ async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Sta
     write lock from its start (``BEGIN IMMEDIATE``).
     """
     await _locked(conn, wallet_id)
-    row = (await conn.execute(_standing_statement(), {"wallet": wallet_id, "agent": agent_id})).first()
+    row = await _standing_statement().first(conn, {"wallet": wallet_id, "agent": agent_id})
     if row is None:
         raise NotFound("no such wallet")
     scope = row.frozen
@@ -598,16 +602,16 @@ async def _standing(conn: AsyncConnection, wallet_id: str, agent_id: str) -> Sta
 
 
 @functools.cache
-def _lock_statement() -> Any:
+def _lock_statement() -> Prepared:
     from custody.storage.sql import wallets
 
-    return select(wallets.c.id).where(wallets.c.id == bindparam("wallet")).with_for_update()
+    return Prepared(select(wallets.c.id).where(wallets.c.id == bindparam("wallet")).with_for_update())
 
 
 async def _locked(conn: AsyncConnection, wallet_id: str) -> None:
     """Take the wallet's write lock (PostgreSQL; SQLite's write transaction already holds one)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(_lock_statement(), {"wallet": wallet_id})
+        await _lock_statement().first(conn, {"wallet": wallet_id})
 
 
 async def _submit(
@@ -745,8 +749,8 @@ async def _decide_and_record(
     else:
         status = {"deny": "denied", "needs_approval": "pending_approval"}[decision.outcome]
     expires_at = now + APPROVAL_TTL if decision.outcome == "needs_approval" else None
-    await conn.execute(
-        _INSERT_PAYMENT,
+    await _INSERT_PAYMENT.run(
+        conn,
         {
             "id": payment_id,
             "wallet_id": wallet_id,

@@ -1,0 +1,177 @@
+"""Prepared statements: what SQLAlchemy would give, in the caller's transaction, with SQLAlchemy's errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from sqlalchemy import Column, DateTime, Integer, LargeBinary, MetaData, String, Table, bindparam, event, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from custody.settings import Settings
+from custody.storage.db import create_engine, is_database_outage, reading, write_transaction
+from custody.storage.prepared import Prepared
+from custody.storage.types import BigInt
+
+metadata = MetaData()
+things = Table(
+    "things",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(40), unique=True, nullable=False),
+    Column("amount", BigInt, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("blob", LargeBinary, nullable=True),
+)
+INSERT = Prepared.insert(things, "name", "amount", "at", "blob")
+BY_NAME = Prepared(
+    select(things.c.name, things.c.amount, things.c.at, things.c.blob).where(things.c.name == bindparam("n"))
+)
+ALL = Prepared(select(things.c.name, things.c.amount).order_by(things.c.id))
+HUGE = 10**30  # beyond 64 bits: money in wei
+AT = datetime(2026, 11, 28, 4, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.sqlalchemy_url, timeout=1)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _count_sqlalchemy_statements(engine: AsyncEngine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    return seen
+
+
+async def test_rows_and_values_are_what_sqlalchemy_gives(engine: AsyncEngine) -> None:
+    async with write_transaction(engine) as conn:
+        await INSERT.run(conn, {"name": "a", "amount": HUGE, "at": AT, "blob": b"\x00\x01"})
+        await INSERT.run(
+            conn,
+            [{"name": "b", "amount": 1, "at": AT, "blob": None}, {"name": "c", "amount": 2, "at": AT, "blob": None}],
+        )
+    async with reading(engine) as conn:
+        row = await BY_NAME.first(conn, {"n": "a"})
+        expected = (await conn.execute(BY_NAME.statement, {"n": "a"})).first()
+        missing = await BY_NAME.first(conn, {"n": "nobody"})
+        every = await ALL.rows(conn)
+    assert row is not None
+    assert expected is not None
+    assert tuple(row) == tuple(expected)
+    assert row.amount == HUGE
+    assert type(row.amount) is int  # never a Decimal or text
+    assert row.at.replace(tzinfo=row.at.tzinfo or UTC) == AT
+    assert bytes(row.blob) == b"\x00\x01"
+    assert missing is None
+    assert [(r.name, r.amount) for r in every] == [("a", HUGE), ("b", 1), ("c", 2)]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_on_postgresql_only_the_first_statement_of_a_transaction_goes_through_sqlalchemy(
+    engine: AsyncEngine,
+) -> None:
+    seen = _count_sqlalchemy_statements(engine)
+    async with write_transaction(engine) as conn:
+        await INSERT.run(conn, {"name": "first", "amount": 1, "at": AT, "blob": None})
+        await INSERT.run(conn, {"name": "second", "amount": 2, "at": AT, "blob": None})
+        assert await BY_NAME.first(conn, {"n": "first"}) is not None
+    assert len([s for s in seen if "things" in s]) == 1  # it began the transaction; the rest ran on asyncpg
+    async with reading(engine) as conn:  # autocommit: nothing to begin
+        assert await BY_NAME.first(conn, {"n": "second"}) is not None
+    assert len([s for s in seen if "things" in s]) == 1
+
+
+async def test_a_failed_transaction_leaves_nothing_of_its_prepared_writes(engine: AsyncEngine) -> None:
+    async def gives_up() -> None:
+        async with write_transaction(engine) as conn:
+            await INSERT.run(conn, {"name": "x", "amount": 1, "at": AT, "blob": None})
+            await INSERT.run(conn, [{"name": "y", "amount": 2, "at": AT, "blob": None}])
+            raise RuntimeError("the caller gives up before the commit")
+
+    with pytest.raises(RuntimeError):
+        await gives_up()
+    async with reading(engine) as conn:
+        assert await ALL.rows(conn) == []
+
+
+async def _insert_after_a_read(engine: AsyncEngine, values: dict[str, object]) -> None:
+    async with write_transaction(engine) as conn:
+        await BY_NAME.first(conn, {"n": "a"})  # begins the transaction: on PostgreSQL the insert runs on asyncpg
+        await INSERT.run(conn, values)
+
+
+async def test_a_duplicate_is_sqlalchemys_integrity_error(engine: AsyncEngine) -> None:
+    async with write_transaction(engine) as conn:
+        await INSERT.run(conn, {"name": "dup", "amount": 1, "at": AT, "blob": None})
+    with pytest.raises(IntegrityError):
+        await _insert_after_a_read(engine, {"name": "dup", "amount": 2, "at": AT, "blob": None})
+
+
+async def test_money_must_be_an_integer_on_every_path(engine: AsyncEngine) -> None:
+    with pytest.raises(StatementError) as caught:
+        await _insert_after_a_read(engine, {"name": "f", "amount": 1.5, "at": AT, "blob": None})
+    assert isinstance(caught.value.orig, TypeError)  # "money is an integer in base units"
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_statement_that_outlives_the_timeout_is_an_outage_and_its_connection_is_dropped(
+    engine: AsyncEngine,
+) -> None:
+    sleep = Prepared(select(func.pg_sleep(bindparam("seconds"))))
+
+    async def sleeps() -> None:
+        async with write_transaction(engine) as conn:
+            await BY_NAME.first(conn, {"n": "a"})  # begins the transaction: the sleep runs on asyncpg
+            await sleep.first(conn, {"seconds": 3})  # the engine's timeout is 1 s
+
+    with pytest.raises(OperationalError) as caught:
+        await sleeps()
+    assert caught.value.connection_invalidated
+    assert is_database_outage(caught.value)  # answered 503 database_unavailable
+    async with write_transaction(engine) as conn:  # the next transaction gets a working connection
+        await INSERT.run(conn, {"name": "after", "amount": 1, "at": AT, "blob": None})
+        assert await BY_NAME.first(conn, {"n": "after"}) is not None
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_lost_connection_is_an_outage_and_is_never_handed_out_again(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    assert settings.database_url is not None
+    async with reading(engine) as conn:
+        assert await BY_NAME.first(conn, {"n": "a"}) is None
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        admin = await asyncpg.connect(settings.database_url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        # asyncpg may already know (then SQLAlchemy runs it and fails), or learn it now.
+        with pytest.raises(DBAPIError) as caught:
+            await BY_NAME.first(conn, {"n": "a"})
+    assert caught.value.connection_invalidated
+    assert is_database_outage(caught.value)
+    async with reading(engine) as conn:  # the pool did not keep the dead connection
+        assert await BY_NAME.first(conn, {"n": "a"}) is None
+
+
+def test_a_statement_that_expands_a_list_at_execution_is_refused() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    statement = Prepared(select(things.c.id).where(things.c.name.in_(["a", "b"])))
+    with pytest.raises(ValueError, match="expand"):
+        statement._compile(postgresql.asyncpg.dialect())  # type: ignore[attr-defined]
