@@ -956,7 +956,7 @@ class Probe:
         ("custody.payments.service", "_signature", "    signature, of which:"),
         ("custody.signer.client:SignerClient", "call", "      signer round trip"),
         ("custody.payments.service", "_reserve", "    reservation write"),
-        ("custody.audit.log:AuditLog", "append_in", "    audit append"),
+        ("custody.audit.log:AuditLog", "append_all_in", "    audit append"),
         ("custody.webhooks.outbox", "enqueue", "    webhook outbox"),
         ("custody.payments.service", "_bind", "  idempotency bind (in txn)"),
         ("custody.services.shared:Shared", "wake", "  shared wake-ups"),
@@ -965,7 +965,8 @@ class Probe:
     # Driver calls that are one round trip to PostgreSQL (or one hop to SQLite's thread).
     DRIVER: ClassVar[list[tuple[str, str, str]]] = [
         ("asyncpg.connection:Connection", "execute", "execute"),
-        ("asyncpg.connection:Connection", "fetchrow", "pre-ping"),
+        ("asyncpg.connection:Connection", "fetchrow", "statement (fetchrow)"),
+        ("asyncpg.connection:Connection", "fetch", "statement (fetch)"),
         ("asyncpg.connection:Connection", "prepare", "prepare (statement cache miss)"),
         ("asyncpg.connection:Connection", "executemany", "statement (executemany)"),
         ("asyncpg.prepared_stmt:PreparedStatement", "fetch", "statement"),

@@ -86,6 +86,9 @@ class Shared:
                 health_check_interval=5,
                 retry_on_timeout=False,
             )
+            # Sent by their SHA-1 (EVALSHA), loaded again by redis-py if the server lost them.
+            self._rate = self._redis.register_script(_RATE_SCRIPT)
+            self._unlock = self._redis.register_script(_UNLOCK_SCRIPT)
 
     @property
     def configured(self) -> bool:
@@ -106,7 +109,8 @@ class Shared:
         if self._redis is None:
             return "disabled"
         try:
-            await asyncio.wait_for(self._redis.ping(), REDIS_TIMEOUT)
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self._redis.ping()
         except Exception:
             return "unavailable"
         self._down_until = 0.0
@@ -118,10 +122,8 @@ class Shared:
         redis = self._usable()
         if redis is not None:
             try:
-                count, ttl = await asyncio.wait_for(
-                    redis.eval(_RATE_SCRIPT, 1, f"{self.prefix}rate:{key}", int(window * 1000)),
-                    REDIS_TIMEOUT,
-                )
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    count, ttl = await self._rate(keys=[f"{self.prefix}rate:{key}"], args=[int(window * 1000)])
             except Exception as error:
                 self._failed("rate limit", error)
             else:
@@ -168,7 +170,8 @@ class Shared:
         if redis is None:
             return
         try:
-            await asyncio.wait_for(redis.publish(f"{self.prefix}wake:{name}", b"1"), REDIS_TIMEOUT)
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await redis.publish(f"{self.prefix}wake:{name}", b"1")
         except Exception as error:
             self._failed("wake-up", error)
 
@@ -196,10 +199,10 @@ class Shared:
         redis = self._usable()
         if redis is not None:
             try:
-                taken = await asyncio.wait_for(
-                    redis.set(f"{self.prefix}lock:{name}", token, nx=True, px=max(1, math.ceil(seconds * 1000))),
-                    REDIS_TIMEOUT,
-                )
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    taken = await redis.set(
+                        f"{self.prefix}lock:{name}", token, nx=True, px=max(1, math.ceil(seconds * 1000))
+                    )
             except Exception as error:
                 self._failed("lock", error)
             else:
@@ -216,10 +219,8 @@ class Shared:
         if redis is None:
             return
         try:
-            await asyncio.wait_for(
-                redis.eval(_UNLOCK_SCRIPT, 1, f"{self.prefix}lock:{name}", token),
-                REDIS_TIMEOUT,
-            )
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self._unlock(keys=[f"{self.prefix}lock:{name}"], args=[token])
         except Exception as error:
             self._failed("unlock", error)
 

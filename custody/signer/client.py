@@ -50,7 +50,8 @@ class SignerClient:
 
     async def _open(self) -> _Connection:
         try:
-            return await asyncio.wait_for(asyncio.open_unix_connection(str(self.path)), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.open_unix_connection(str(self.path))
         except (OSError, TimeoutError):
             raise SignerUnavailable(
                 "the signer is not reachable: start it with `custody serve` or `custody signer`"
@@ -66,8 +67,8 @@ class SignerClient:
 
     async def _exchange(self, connection: _Connection, message: dict[str, Any]) -> dict[str, Any] | None:
         reader, writer = connection
-
-        async def exchange() -> dict[str, Any] | None:
+        # asyncio.timeout, not wait_for: no task per call, and no cancellation swallowed on Python 3.11.
+        async with asyncio.timeout(self.timeout):
             # The signer may have gone away since this connection was pooled (its transport
             # closes between loop iterations); uvloop would raise RuntimeError on the write.
             if writer.is_closing():
@@ -75,8 +76,6 @@ class SignerClient:
             writer.write(encode_frame(message))
             await writer.drain()  # a stalled signer stops reading: this waits too, so bound it
             return await read_frame(reader)
-
-        return await asyncio.wait_for(exchange(), self.timeout)
 
     async def call(self, op: str, **params: Any) -> dict[str, Any]:
         message = {"op": op, **params}
