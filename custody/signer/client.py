@@ -87,14 +87,16 @@ class SignerClient:
             connection = connection or await self._open()
             try:
                 reply = await self._exchange(connection, message)
+            except TimeoutError:
+                # Before OSError, of which it is a subclass: a signer that did not answer in time
+                # may still be working on it, so the request is never sent again.
+                connection[1].close()
+                raise SignerUnavailable("the signer did not answer in time") from None
             except (OSError, ProtocolError, asyncio.IncompleteReadError):
                 connection[1].close()
                 if connection is pooled:
                     continue
                 raise SignerUnavailable("the signer did not answer") from None
-            except TimeoutError:
-                connection[1].close()
-                raise SignerUnavailable("the signer did not answer in time") from None
             except BaseException:
                 connection[1].close()
                 raise

@@ -22,7 +22,9 @@ over a list) cannot be compiled once and are refused when built.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -55,8 +57,11 @@ class Prepared:
 
     @classmethod
     def insert(cls, table: Table, *columns: str) -> Prepared:
-        """An INSERT of these columns, each bound by its name (the others take their defaults)."""
-        return cls(insert(table).values({name: bindparam(name) for name in columns}))
+        """An INSERT of these columns, each bound by its name (the others take their server-side defaults).
+
+        Inline: nothing is returned (no ``RETURNING`` of generated keys).
+        """
+        return cls(insert(table).inline().values({name: bindparam(name) for name in columns}))
 
     def _compile(self, dialect: Dialect) -> _Compiled:
         compiled = self._compiled.get(dialect.name)
@@ -66,6 +71,9 @@ class Prepared:
         sql = str(form)
         if "POSTCOMPILE" in sql:
             raise ValueError("a prepared statement cannot expand parameters at execution (IN over a list)")
+        if getattr(form, "insert_prefetch", None) or getattr(form, "update_prefetch", None):
+            # SQLAlchemy computes those in Python at execution; bind them explicitly instead.
+            raise ValueError("a prepared statement cannot fill in a column's Python-side default")
         names = tuple(form.positiontup or ())
         defaults = {name: bind.value for name, bind in form.binds.items() if not bind.required}
         binds = tuple(_bind(form.binds[name].type, dialect) for name in names)
@@ -164,17 +172,24 @@ def _loaded(kind: TypeDecorator[Any], dialect: Dialect, value: Any) -> Any:
 
 
 def _driver(conn: AsyncConnection) -> Any | None:
-    """The asyncpg connection under ``conn`` when a statement may run on it directly, else None."""
-    if conn.dialect.name != "postgresql":
+    """The asyncpg connection under ``conn`` when a statement may run on it directly, else None.
+
+    Inside a transaction only when SQLAlchemy's asyncpg adapter holds it (then SQLAlchemy
+    commits or rolls it back); should that private attribute ever go, every statement simply
+    goes through SQLAlchemy again.
+    """
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "asyncpg":
         return None
     sync = conn.sync_connection
     if sync is None or sync.invalidated or sync.closed:
         return None
+    adapter = sync.connection.dbapi_connection
     driver = sync.connection.driver_connection
     if driver is None or driver.is_closed():
         return None
     if driver.is_in_transaction():
-        return driver  # the transaction SQLAlchemy began (it commits or rolls it back)
+        began = getattr(adapter, "_transaction", None) is not None
+        return driver if began and conn.in_transaction() else None
     if sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
         return driver
     return None  # SQLAlchemy has not begun the transaction yet: its execute begins it
@@ -183,8 +198,16 @@ def _driver(conn: AsyncConnection) -> Any | None:
 async def _run(conn: AsyncConnection, compiled: _Compiled, call: Callable[..., Any], *args: Any) -> Any:
     try:
         return await call(compiled.sql, *args)
+    except asyncio.CancelledError:
+        # As SQLAlchemy does: a statement cut off midway leaves its connection in doubt.
+        with contextlib.suppress(Exception):
+            await _drop(conn, None, pool_wide=False)
+        raise
     except Exception as error:
-        raise await _translated(conn, compiled.sql, error) from error
+        translated = await _translated(conn, compiled.sql, error)
+        if translated is error:
+            raise
+        raise translated from error
 
 
 @functools.cache
@@ -203,14 +226,31 @@ def _driver_errors() -> tuple[type[Exception], ...]:
 async def _translated(conn: AsyncConnection, sql: str, error: Exception) -> Exception:
     """The driver's error as SQLAlchemy would raise it; a connection in doubt is invalidated first."""
     integrity, lost, refused, interface, internal = _driver_errors()
+    driver = conn.sync_connection.connection.driver_connection if conn.sync_connection is not None else None
+    closed = driver is None or driver.is_closed()
     if isinstance(error, integrity):
         return sa_exc.IntegrityError(sql, None, error)
-    if isinstance(error, interface) and isinstance(error, ValueError):
+    if isinstance(error, interface) and isinstance(error, ValueError) and not closed:
         return sa_exc.DBAPIError(sql, None, error)  # a value the driver cannot send: the connection is fine
-    if isinstance(error, refused) and not isinstance(error, lost):
+    if isinstance(error, refused) and not isinstance(error, lost) and not closed:
         return sa_exc.DBAPIError(sql, None, error)
-    if isinstance(error, (lost, interface, internal, OSError, TimeoutError)):
-        # Lost, timed out or confused: never hand this connection out again.
-        await conn.invalidate()
+    if isinstance(error, (refused, interface, internal, OSError, TimeoutError)):
+        # Lost, timed out or confused: never hand this connection out again, nor any older one
+        # (a restarted server or a dropped network left them all dead; the pool has no pre-ping).
+        await _drop(conn, error, pool_wide=isinstance(error, (lost, interface, OSError)) or closed)
         return sa_exc.OperationalError(sql, None, error, connection_invalidated=True)
     return error
+
+
+async def _drop(conn: AsyncConnection, error: Exception | None, *, pool_wide: bool) -> None:
+    """Invalidate ``conn``; with ``pool_wide`` also every pooled connection opened before it.
+
+    That is what SQLAlchemy does on a disconnect.
+    """
+    sync = conn.sync_connection
+    if pool_wide and sync is not None and not sync.invalidated:
+        # SQLAlchemy's own step on a disconnect (Connection._handle_dbapi_exception); not public.
+        invalidate_older = getattr(sync.engine.pool, "_invalidate", None)
+        if invalidate_older is not None:
+            invalidate_older(sync.connection, error, _checkin=False)
+    await conn.invalidate(error)

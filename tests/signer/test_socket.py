@@ -6,6 +6,7 @@ import asyncio
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,33 @@ async def test_a_deeply_nested_frame_is_refused_and_the_signer_survives(
     assert b"nested too deeply" in reply
     writer.close()
     assert (await signer_client.status())["sealed"] is False
+
+
+async def test_a_request_the_signer_does_not_answer_in_time_is_not_sent_again(short_dir: Path) -> None:
+    """A timeout is not a stale connection: the signer may still be signing, so the client gives up once."""
+    from custody.signer.protocol import encode_frame, read_frame
+
+    requests: list[dict[str, object]] = []
+
+    async def answers_once_then_stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (message := await read_frame(reader)) is not None:
+            requests.append(message)
+            if len(requests) == 1:
+                writer.write(encode_frame({"ok": True, "result": {"sealed": False}}))
+                await writer.drain()
+            # later requests are never answered
+
+    path = short_dir / "stall.sock"
+    server = await asyncio.start_unix_server(answers_once_then_stalls, path=str(path))
+    client = SignerClient(path, timeout=0.3)
+    try:
+        await client.status()  # leaves a pooled connection
+        started = time.monotonic()
+        with pytest.raises(SignerUnavailable, match="in time"):
+            await client.status()
+        assert time.monotonic() - started < 0.6  # one timeout, not two
+        assert len(requests) == 2  # not re-sent on a fresh connection
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

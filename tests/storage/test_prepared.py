@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -175,3 +179,126 @@ def test_a_statement_that_expands_a_list_at_execution_is_refused() -> None:
     statement = Prepared(select(things.c.id).where(things.c.name.in_(["a", "b"])))
     with pytest.raises(ValueError, match="expand"):
         statement._compile(postgresql.asyncpg.dialect())  # type: ignore[attr-defined]
+
+
+def test_a_column_filled_in_by_python_at_execution_is_refused() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    with_default = Table(
+        "with_default", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer, default=5)
+    )
+    statement = Prepared.insert(with_default, "id")  # n would be filled in by SQLAlchemy, not by the server
+    with pytest.raises(ValueError, match="default"):
+        statement._compile(postgresql.asyncpg.dialect())
+
+
+class _Proxy:
+    """A TCP proxy to PostgreSQL whose connections can be made silently dead (reset on their next write)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dead = False
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writers += [writer, up_writer]
+        born_dead = self.dead
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    if upstream and self.dead and not born_dead:
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.close()
+                        up_writer.close()
+                        return
+                    sink.write(data)
+                    await sink.drain()
+
+        self.tasks += [
+            asyncio.create_task(pump(reader, up_writer, True)),
+            asyncio.create_task(pump(up_reader, writer, False)),
+        ]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_after_a_lost_connection_no_older_pooled_connection_is_handed_out(settings: Settings) -> None:
+    assert settings.database_url is not None
+    proxy = _Proxy(int(settings.database_url.split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]))
+    port = await proxy.start()
+    url = settings.sqlalchemy_url.replace("127.0.0.1:5432", f"127.0.0.1:{port}")
+    engine = create_engine(url, timeout=0.5)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        opened = [await engine.connect() for _ in range(4)]
+        for conn in opened:
+            await conn.exec_driver_sql("SELECT 1")
+        for conn in opened:
+            await conn.close()  # four connections in the pool
+        proxy.dead = True  # all four die silently (a failover, a NAT that forgot them); asyncpg cannot tell
+        outcomes = []
+        for _ in range(6):
+            try:
+                async with reading(engine) as conn:
+                    await BY_NAME.first(conn, {"n": "a"})  # autocommit: runs on asyncpg
+                outcomes.append("ok")
+            except OperationalError as error:
+                outcomes.append("outage" if error.connection_invalidated else "error")
+        assert outcomes == ["outage"] + ["ok"] * 5  # one request answered 503, not one per dead connection
+    finally:
+        await engine.dispose()
+        await proxy.close()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_transaction_sqlalchemy_did_not_begin_is_never_written_to_directly(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.begin()
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.execute("BEGIN")  # not SQLAlchemy's: it would neither commit nor roll this back
+        with pytest.raises(DBAPIError):  # through SQLAlchemy, which refuses; never silently lost
+            await INSERT.run(conn, {"name": "lost", "amount": 1, "at": AT, "blob": None})
+        await driver.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+async def test_a_statement_cancelled_midway_drops_its_connection(engine: AsyncEngine) -> None:
+    sleep = Prepared(select(func.pg_sleep(bindparam("seconds"))))
+    pids: list[int] = []
+
+    async def sleeps() -> None:
+        async with write_transaction(engine) as conn:
+            pids.append((await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one())
+            await sleep.first(conn, {"seconds": 0.8})  # on asyncpg: the transaction has begun
+
+    task = asyncio.create_task(sleeps())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with reading(engine) as conn:
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+    assert pids
+    assert pid != pids[0]  # the cancelled statement's connection was not put back in the pool
