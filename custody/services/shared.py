@@ -135,6 +135,13 @@ class Shared:
         """Listen for wake-ups published by other replicas (no-op without Redis)."""
         if self._redis is not None and self._listener is None:
             self._listener = asyncio.create_task(self._listen(), name="custody-shared-listener")
+            # Load the scripts now, so no request pays for it (a Redis that lost them gets them again on first use).
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    for script in (_RATE_SCRIPT, _UNLOCK_SCRIPT):
+                        await self._redis.script_load(script)
+            except Exception as error:
+                self._failed("script load", error)
 
     async def _listen(self) -> None:
         assert self._redis is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import stat
 import struct
@@ -143,8 +144,10 @@ async def test_a_request_the_signer_does_not_answer_in_time_is_not_sent_again(sh
     from custody.signer.protocol import encode_frame, read_frame
 
     requests: list[dict[str, object]] = []
+    connections: list[asyncio.StreamWriter] = []
 
     async def answers_once_then_stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
         while (message := await read_frame(reader)) is not None:
             requests.append(message)
             if len(requests) == 1:
@@ -164,5 +167,9 @@ async def test_a_request_the_signer_does_not_answer_in_time_is_not_sent_again(sh
         assert len(requests) == 2  # not re-sent on a fresh connection
     finally:
         await client.close()
+        for writer in connections:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
         server.close()
         await server.wait_closed()
