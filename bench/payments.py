@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -59,6 +60,7 @@ from typing import Any, ClassVar
 import httpx
 
 from custody.client import AsyncCustodyClient
+from custody.client._client import encode_transaction
 
 CHAIN = 8453
 ADMIN_DSN = os.environ.get("CUSTODY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -394,6 +396,56 @@ class Clients:
         self._made.clear()
 
 
+class LightClient:
+    """A minimal HTTP/1.1 client for the same payments: one keep-alive connection, bytes in, status out.
+
+    Not the SDK: it measures what the service can do when the load generator costs little
+    (the SDK's httpx costs about as much CPU per payment as PostgreSQL, on the same two cores).
+    The request is the one the SDK sends: the same body, a fresh Idempotency-Key each time.
+    """
+
+    def __init__(self, url: str, api_key: str) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.head = f"Host: {parts.netloc}\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\n"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def pay(self, wallet: WalletUnderTest) -> str | None:
+        body = json.dumps(
+            {"transaction": encode_transaction(wallet.next_tx()), "purpose": "supplier invoice", "origin": None}
+        ).encode()
+        request = (
+            f"POST /v1/wallets/{wallet.id}/sign/transaction HTTP/1.1\r\n{self.head}"
+            f"Idempotency-Key: {secrets.token_hex(16)}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        try:
+            if self.writer is None:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            assert self.reader is not None
+            self.writer.write(request)
+            status = int((await self.reader.readline()).split()[1])
+            length = 0
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            payload = await self.reader.readexactly(length)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+            await self.close()
+            return type(exc).__name__
+        return None if status == 200 and b'"signed"' in payload else f"http_{status}"
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
 @dataclass
 class Run:
     rate: float
@@ -469,11 +521,28 @@ class CpuMeter:
 
 
 async def closed_loop(
-    service: Service, meter: CpuMeter, wallets: list[WalletUnderTest], concurrency: int, plan: Plan
+    service: Service,
+    meter: CpuMeter,
+    wallets: list[WalletUnderTest],
+    concurrency: int,
+    plan: Plan,
+    *,
+    light: bool = False,
 ) -> Run:
-    """``concurrency`` clients, each paying again as soon as its last payment is signed."""
+    """``concurrency`` clients, each paying again as soon as its last payment is signed.
+
+    SDK clients, or with ``light`` the minimal HTTP client (:class:`LightClient`).
+    """
     clients = Clients(service.urls)
-    pairs = [(clients.make(n, wallets[n % len(wallets)]), wallets[n % len(wallets)]) for n in range(concurrency)]
+    light_clients: list[LightClient] = []
+    pairs: list[tuple[Callable[[WalletUnderTest], Awaitable[str | None]], WalletUnderTest]] = []
+    for n in range(concurrency):
+        wallet = wallets[n % len(wallets)]
+        if light:
+            light_clients.append(LightClient(service.urls[n % len(service.urls)], wallet.api_key))
+            pairs.append((light_clients[-1].pay, wallet))
+        else:
+            pairs.append((functools.partial(pay, clients.make(n, wallet)), wallet))
     began = time.perf_counter()
     measure_from = began + plan.warmup_seconds
     stop_at = measure_from + plan.step_seconds
@@ -481,10 +550,10 @@ async def closed_loop(
     errors: Counter[str] = Counter()
     marks: dict[str, Any] = {}
 
-    async def worker(client: AsyncCustodyClient, wallet: WalletUnderTest) -> None:
+    async def worker(paying: Callable[[WalletUnderTest], Awaitable[str | None]], wallet: WalletUnderTest) -> None:
         while (start := time.perf_counter()) < stop_at:
             # Completions inside the window count, however long they took.
-            problem = await pay(client, wallet)
+            problem = await paying(wallet)
             end = time.perf_counter()
             if measure_from <= end <= stop_at:
                 if problem is None:
@@ -503,6 +572,7 @@ async def closed_loop(
         await asyncio.gather(mark(), *(worker(c, w) for c, w in pairs))
     finally:
         await clients.close()
+        await asyncio.gather(*(client.close() for client in light_clients))
     cpu = CpuMeter.per_payment(marks["before"], marks["after"], marks["count"])
     return Run(len(samples) / plan.step_seconds, samples, errors, cpu, concurrency=concurrency)
 
@@ -1380,6 +1450,21 @@ async def run_measurements(
     result["hot_wallet"] = {**hot_best.summary(), "steps": hot_steps}
     result["hot_ratio"] = round(hot_best.rate / reference, 3)
 
+    # Not a target of its own: the same payments from a load generator that costs little.
+    light_runs: list[Run] = []
+    for level in plan.levels:
+        run = await closed_loop(service, meter, service.wallets, level, plan, light=True)
+        light_runs.append(run)
+        say(
+            f"[{name}] minimal HTTP client, {level} clients: {run.rate:.1f}/s  p50 {percentile(run.samples, 50):.2f} ms"
+        )
+        if len(light_runs) >= 3 and run.rate < 0.95 * max(r.rate for r in light_runs[:-1]):
+            break
+    light_top = max(light_runs, key=lambda r: r.rate)
+    light_best = next(run for run in light_runs if run.rate >= 0.95 * light_top.rate)
+    result["light_peak"] = {**light_best.summary(), "steps": [r.summary() for r in light_runs]}
+    result["light_ratio"] = round(light_best.rate / reference, 3)
+
     if history:
         sizes = list(plan.history)
         out: dict[str, Any] = {
@@ -1481,6 +1566,15 @@ def print_report(report: dict[str, Any]) -> None:
         )
         row("unloaded p50 / p99 (ms)", f"{unloaded['p50_ms']:.2f}/{unloaded['p99_ms']:.2f}")
         row(f"hot wallet payments/s ({hot['concurrency']} clients)", f"{hot['rate_per_s']:,.0f}", config["hot_ratio"])
+        if "light_peak" in config:
+            light = config["light_peak"]
+            cpu = light.get("cpu_ms_per_payment", {})
+            row(
+                f"peak, minimal HTTP client ({light['concurrency']} clients)",
+                f"{light['rate_per_s']:,.0f}",
+                config["light_ratio"],
+            )
+            row("  CPU ms per payment there", " ".join(f"{k.split()[0]}={v:.2f}" for k, v in cpu.items()))
         if "history" in config:
             history = config["history"]
             sizes = [k for k in history if k.isdigit()]
