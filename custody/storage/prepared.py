@@ -1,23 +1,25 @@
 """Statements of the payment path, run on the database driver itself where that is safe.
 
 A payment runs about a dozen statements. Through SQLAlchemy each costs about 0.14 ms of the
-API's CPU on PostgreSQL; asyncpg alone takes about 0.06 ms for the same statement (measured
-here, docs/performance.md). A :class:`Prepared` is a Core statement, still written once with
-SQLAlchemy, compiled once per dialect. On PostgreSQL it runs on the asyncpg connection under
-the caller's :class:`AsyncConnection`, inside the same transaction:
+API's CPU on PostgreSQL and 0.40 ms on SQLite; asyncpg alone takes about 0.06 ms for the same
+statement, aiosqlite about 0.08 ms (measured here, docs/performance.md). A :class:`Prepared`
+is a Core statement, still written once with SQLAlchemy and compiled once per dialect, that
+runs on the driver connection under the caller's :class:`AsyncConnection`:
 
-- only once that transaction has begun (SQLAlchemy begins it lazily, with its first
-  statement; until then the statement goes through SQLAlchemy, which begins it), or on a
-  connection in autocommit;
+- inside the transaction SQLAlchemy has begun, and only then: on PostgreSQL SQLAlchemy begins
+  it lazily, with its first statement (until then a statement goes through SQLAlchemy, which
+  begins it); on SQLite ``BEGIN`` is sent when SQLAlchemy's transaction begins;
+- or outside any transaction, where a statement is its own: on PostgreSQL on a connection in
+  autocommit, on SQLite for a read;
 - with the statement's bind and result processors applied, so values look as they would
-  through SQLAlchemy (an amount is an ``int``, never a ``Decimal``);
+  through SQLAlchemy (an amount is an ``int``, a timestamp a ``datetime``);
 - with the driver's errors raised as SQLAlchemy's (``IntegrityError``, ``OperationalError``,
-  ``DBAPIError``), so callers handle one kind; a connection that failed is invalidated, as
-  SQLAlchemy would, so the pool never hands it out again.
+  ``DBAPIError``), so callers handle one kind; a PostgreSQL connection in doubt is invalidated,
+  and after a lost one every older pooled connection too, as SQLAlchemy does.
 
-On SQLite, and wherever the driver connection is not usable, it is an ordinary
-``conn.execute``. Statements with parameters that SQLAlchemy expands at execution (``IN``
-over a list) cannot be compiled once and are refused when built.
+Anywhere else it is an ordinary ``conn.execute``. Statements with parameters that SQLAlchemy
+expands or fills in at execution (``IN`` over a list, Python-side column defaults) cannot be
+compiled once and are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -37,14 +40,17 @@ from sqlalchemy.sql import Executable
 from sqlalchemy.types import TypeDecorator
 
 Params = Mapping[str, Any]
+Processor = Callable[[Any], Any]
 
 
 class _Compiled(NamedTuple):
     sql: str
     names: tuple[str, ...]  # the parameters' names, in their positional order
     defaults: dict[str, Any]  # values bound into the statement itself
-    binds: tuple[Callable[[Any], Any] | None, ...]  # per position
-    results: tuple[Callable[[Any], Any] | None, ...]  # per result column
+    binds: tuple[Processor | None, ...]  # per position
+    results: tuple[Processor | None, ...]  # per result column
+    row: Any  # the named tuple class of a result row
+    writes: bool
 
 
 class Prepared:
@@ -53,7 +59,6 @@ class Prepared:
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
         self._compiled: dict[str, _Compiled] = {}
-        self._rows: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def insert(cls, table: Table, *columns: str) -> Prepared:
@@ -76,9 +81,17 @@ class Prepared:
             raise ValueError("a prepared statement cannot fill in a column's Python-side default")
         names = tuple(form.positiontup or ())
         defaults = {name: bind.value for name, bind in form.binds.items() if not bind.required}
-        binds = tuple(_bind(form.binds[name].type, dialect) for name in names)
-        results = tuple(_result(column.type, dialect) for column in getattr(self.statement, "selected_columns", ()))
-        compiled = self._compiled[dialect.name] = _Compiled(sql, names, defaults, binds, results)
+        columns = tuple(getattr(self.statement, "selected_columns", ()))
+        if dialect.name == "postgresql":
+            binds = tuple(_decorator_bind(form.binds[name].type, dialect) for name in names)
+            results = tuple(_decorator_result(column.type, dialect) for column in columns)
+        else:
+            binds = tuple(form.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names)
+            results = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns)
+        row = collections.namedtuple("Row", [column.key or f"c{n}" for n, column in enumerate(columns)], rename=True)  # type: ignore[misc]
+        writes = bool(form.isinsert or form.isupdate or form.isdelete)
+        compiled = _Compiled(sql, names, defaults, binds, results, row, writes)
+        self._compiled[dialect.name] = compiled
         return compiled
 
     def _args(self, compiled: _Compiled, params: Params) -> list[Any]:
@@ -93,115 +106,142 @@ class Prepared:
             args.append(value)
         return args
 
+    def _row(self, compiled: _Compiled, values: Sequence[Any]) -> Any:
+        if any(compiled.results):
+            values = [
+                value if value is None or result is None else result(value)
+                for result, value in zip(compiled.results, values, strict=True)
+            ]
+        return compiled.row._make(values)
+
     # Execution ----------------------------------------------------------------------------
 
     async def rows(self, conn: AsyncConnection, params: Params | None = None) -> list[Any]:
         """Every row of a query, each a named tuple (``row.column`` and ``row[i]``)."""
         params = params or {}
-        driver = _driver(conn)
-        if driver is None:
-            return list((await conn.execute(self.statement, params)).all())
         compiled = self._compile(conn.dialect)
-        records = await _run(conn, compiled, driver.fetch, *self._args(compiled, params))
-        return [self._row(compiled, record) for record in records]
+        direct = _direct(conn, compiled.writes)
+        if direct is None:
+            return list((await conn.execute(self.statement, params)).all())
+        found = await _run(conn, compiled, direct.rows, self._args(compiled, params))
+        return [self._row(compiled, values) for values in found]
 
     async def first(self, conn: AsyncConnection, params: Params | None = None) -> Any | None:
         """The first row of a query, or None."""
         params = params or {}
-        driver = _driver(conn)
-        if driver is None:
-            return (await conn.execute(self.statement, params)).first()
         compiled = self._compile(conn.dialect)
-        record = await _run(conn, compiled, driver.fetchrow, *self._args(compiled, params))
-        return None if record is None else self._row(compiled, record)
+        direct = _direct(conn, compiled.writes)
+        if direct is None:
+            return (await conn.execute(self.statement, params)).first()
+        found = await _run(conn, compiled, direct.rows, self._args(compiled, params))
+        return self._row(compiled, found[0]) if found else None
 
     async def run(self, conn: AsyncConnection, params: Params | Sequence[Params] | None = None) -> int:
         """A write with one set of parameters (returns the rows it touched) or many (returns 0)."""
         params = params if params is not None else {}
-        driver = _driver(conn)
+        compiled = self._compile(conn.dialect)
+        direct = _direct(conn, compiled.writes)
         if isinstance(params, Mapping):
-            if driver is None:
+            if direct is None:
                 return int((await conn.execute(self.statement, params)).rowcount)
-            compiled = self._compile(conn.dialect)
-            status = await _run(conn, compiled, driver.execute, *self._args(compiled, params))
-            last = str(status).rsplit(" ", 1)[-1]
-            return int(last) if last.isdigit() else 0
+            return int(await _run(conn, compiled, direct.run, self._args(compiled, params)))
         if not params:
             return 0
-        if driver is None:
+        if direct is None:
             await conn.execute(self.statement, list(params))
             return 0
-        compiled = self._compile(conn.dialect)
-        await _run(conn, compiled, driver.executemany, [self._args(compiled, p) for p in params])
+        await _run(conn, compiled, direct.many, [self._args(compiled, p) for p in params])
         return 0
 
-    def _row(self, compiled: _Compiled, record: Any) -> Any:
-        keys = tuple(record.keys())
-        cls: Any = self._rows.get(keys)
-        if cls is None:
-            cls = self._rows[keys] = collections.namedtuple("Row", keys, rename=True)
-        values = tuple(record.values())
-        if any(compiled.results):
-            values = tuple(
-                value if value is None or result is None else result(value)
-                for result, value in zip(compiled.results, values, strict=True)
-            )
-        return cls._make(values)
+
+# Type conversions -------------------------------------------------------------------------
+# On PostgreSQL, asyncpg takes and gives the Python values SQLAlchemy's plain types stand for
+# (str, int, bool, bytes, aware datetimes), so only what a column type of ours adds
+# (TypeDecorator) is applied. On SQLite SQLAlchemy's own processors are (timestamps as text).
 
 
-# asyncpg takes and gives the Python values SQLAlchemy's plain types stand for (str, int, bool,
-# bytes, aware datetimes); what a column type of ours adds (TypeDecorator) is applied here.
-def _bind(kind: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+def _decorator_bind(kind: Any, dialect: Dialect) -> Processor | None:
     if not isinstance(kind, TypeDecorator) or type(kind).process_bind_param is TypeDecorator.process_bind_param:
         return None
-    return functools.partial(_bound, kind, dialect)
+    return functools.partial(kind.process_bind_param, dialect=dialect)
 
 
-def _bound(kind: TypeDecorator[Any], dialect: Dialect, value: Any) -> Any:
-    return kind.process_bind_param(value, dialect)
-
-
-def _result(kind: Any, dialect: Dialect) -> Callable[[Any], Any] | None:
+def _decorator_result(kind: Any, dialect: Dialect) -> Processor | None:
     if not isinstance(kind, TypeDecorator) or type(kind).process_result_value is TypeDecorator.process_result_value:
         return None
-    return functools.partial(_loaded, kind, dialect)
+    return functools.partial(kind.process_result_value, dialect=dialect)
 
 
-def _loaded(kind: TypeDecorator[Any], dialect: Dialect, value: Any) -> Any:
-    return kind.process_result_value(value, dialect)
+# The drivers ------------------------------------------------------------------------------
 
 
-def _driver(conn: AsyncConnection) -> Any | None:
-    """The asyncpg connection under ``conn`` when a statement may run on it directly, else None.
+class _Asyncpg:
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
 
-    Inside a transaction only when SQLAlchemy's asyncpg adapter holds it (then SQLAlchemy
-    commits or rolls it back); should that private attribute ever go, every statement simply
-    goes through SQLAlchemy again.
-    """
-    if conn.dialect.name != "postgresql" or conn.dialect.driver != "asyncpg":
-        return None
+    async def rows(self, sql: str, args: list[Any]) -> list[Any]:
+        return list(await self.driver.fetch(sql, *args))
+
+    async def run(self, sql: str, args: list[Any]) -> int:
+        status = str(await self.driver.execute(sql, *args))
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def many(self, sql: str, args: list[list[Any]]) -> None:
+        await self.driver.executemany(sql, args)
+
+
+class _Aiosqlite:
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+
+    async def rows(self, sql: str, args: list[Any]) -> list[Any]:
+        return list(await self.driver.execute_fetchall(sql, args))
+
+    async def run(self, sql: str, args: list[Any]) -> int:
+        cursor = await self.driver.execute(sql, args)
+        return int(cursor.rowcount)
+
+    async def many(self, sql: str, args: list[list[Any]]) -> None:
+        await self.driver.executemany(sql, args)
+
+
+def _direct(conn: AsyncConnection, writes: bool) -> _Asyncpg | _Aiosqlite | None:
+    """The driver connection under ``conn`` when this statement may run on it directly, else None."""
     sync = conn.sync_connection
     if sync is None or sync.invalidated or sync.closed:
         return None
-    adapter = sync.connection.dbapi_connection
     driver = sync.connection.driver_connection
-    if driver is None or driver.is_closed():
+    if driver is None:
+        return None
+    dialect = conn.dialect
+    if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
+        if driver.in_transaction:
+            # BEGIN was sent when SQLAlchemy's transaction began; SQLAlchemy commits or rolls back.
+            return _Aiosqlite(driver) if conn.in_transaction() else None
+        # No transaction: a read is its own (sqlite3 is in autocommit here, see storage.db).
+        return _Aiosqlite(driver) if not writes and not conn.in_transaction() else None
+    if dialect.name != "postgresql" or dialect.driver != "asyncpg" or driver.is_closed():
         return None
     if driver.is_in_transaction():
+        # Only the transaction SQLAlchemy's adapter holds (it commits or rolls it back). Should
+        # that private attribute ever go, every statement simply goes through SQLAlchemy again.
+        adapter = sync.connection.dbapi_connection
         began = getattr(adapter, "_transaction", None) is not None
-        return driver if began and conn.in_transaction() else None
+        return _Asyncpg(driver) if began and conn.in_transaction() else None
     if sync.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
-        return driver
+        return _Asyncpg(driver)
     return None  # SQLAlchemy has not begun the transaction yet: its execute begins it
 
 
-async def _run(conn: AsyncConnection, compiled: _Compiled, call: Callable[..., Any], *args: Any) -> Any:
+async def _run(conn: AsyncConnection, compiled: _Compiled, call: Callable[[str, Any], Any], args: Any) -> Any:
     try:
-        return await call(compiled.sql, *args)
+        return await call(compiled.sql, args)
     except asyncio.CancelledError:
-        # As SQLAlchemy does: a statement cut off midway leaves its connection in doubt.
-        with contextlib.suppress(Exception):
-            await _drop(conn, None, pool_wide=False)
+        # As SQLAlchemy does: a PostgreSQL statement cut off midway leaves its connection in doubt.
+        if conn.dialect.name == "postgresql":
+            with contextlib.suppress(Exception):
+                await _drop(conn, None, pool_wide=False)
         raise
     except Exception as error:
         translated = await _translated(conn, compiled.sql, error)
@@ -211,7 +251,7 @@ async def _run(conn: AsyncConnection, compiled: _Compiled, call: Callable[..., A
 
 
 @functools.cache
-def _driver_errors() -> tuple[type[Exception], ...]:
+def _asyncpg_errors() -> tuple[type[Exception], ...]:
     import asyncpg  # type: ignore[import-untyped]
 
     return (
@@ -225,7 +265,15 @@ def _driver_errors() -> tuple[type[Exception], ...]:
 
 async def _translated(conn: AsyncConnection, sql: str, error: Exception) -> Exception:
     """The driver's error as SQLAlchemy would raise it; a connection in doubt is invalidated first."""
-    integrity, lost, refused, interface, internal = _driver_errors()
+    if isinstance(error, sqlite3.Error):
+        if isinstance(error, sqlite3.IntegrityError):
+            return sa_exc.IntegrityError(sql, None, error)
+        if isinstance(error, sqlite3.OperationalError):  # locked, busy, disk I/O
+            return sa_exc.OperationalError(sql, None, error)
+        return sa_exc.DBAPIError(sql, None, error)
+    if conn.dialect.name != "postgresql":
+        return error
+    integrity, lost, refused, interface, internal = _asyncpg_errors()
     driver = conn.sync_connection.connection.driver_connection if conn.sync_connection is not None else None
     closed = driver is None or driver.is_closed()
     if isinstance(error, integrity):
