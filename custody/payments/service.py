@@ -74,7 +74,9 @@ idempotency_keys: Table = IdempotencyRow.__table__  # type: ignore[attr-defined]
 approval_votes: Table = ApprovalVoteRow.__table__  # type: ignore[attr-defined]
 freezes: Table = FreezeRow.__table__  # type: ignore[attr-defined]
 # Statements of the payment path, built once (constructing one costs about as much as running it).
-_INSERT_CLAIM = insert(idempotency_keys)
+_INSERT_CLAIM = Prepared.insert(
+    idempotency_keys, "agent_id", "key", "body_hash", "created_at", "owner", "payment_id", "status_code", "response"
+)
 _INSERT_PAYMENT = Prepared.insert(
     payments,
     *("id", "wallet_id", "agent_id", "key_id", "method", "request", "payee", "status", "decision", "result"),
@@ -305,11 +307,11 @@ async def _insert_claim(conn: AsyncConnection, claim: Claim, payment_id: str | N
         "created_at": _now(),
         "owner": claim.owner,
         "payment_id": payment_id,
+        "status_code": None if response is None else response.status_code,
+        "response": None if response is None else json.dumps(response.body),
     }
-    if response is not None:
-        values |= {"status_code": response.status_code, "response": json.dumps(response.body)}
     try:
-        await conn.execute(_INSERT_CLAIM, values)
+        await _INSERT_CLAIM.run(conn, values)
     except IntegrityError:
         raise ClaimTaken from None
 
