@@ -9,6 +9,7 @@ from migrating at the same time.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -129,8 +130,19 @@ def create_engine(url: str, *, timeout: float = 10.0) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _begin(connection: Connection) -> None:
+            from sqlalchemy.util import await_
+
             immediate = connection.get_execution_options().get("sqlite_immediate", False)
-            connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+            # On aiosqlite itself: through SQLAlchemy this one statement cost about 0.3 ms of CPU more.
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            try:
+                await_(driver.execute(statement))
+            except sqlite3.OperationalError as error:  # locked by another process past the busy timeout
+                raise OperationalError(statement, None, error) from error
+            except sqlite3.Error as error:
+                raise DBAPIError(statement, None, error) from error
 
         return engine
     return create_async_engine(

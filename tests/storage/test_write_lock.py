@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from custody.storage.db import create_engine, is_database_outage, write_transaction
@@ -42,4 +43,29 @@ async def test_a_writer_waits_at_most_the_timeout_for_the_write_lock(tmp_path: P
         async with engine.connect() as conn:
             assert [r.x for r in await conn.execute(text("SELECT x FROM t ORDER BY x"))] == [1, 3]
     finally:
+        await engine.dispose()
+
+
+async def test_a_database_locked_by_another_process_is_an_outage(tmp_path: Path) -> None:
+    import sqlite3
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", timeout=0.3)
+    holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        async with write_transaction(engine) as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            await conn.execute(text("PRAGMA busy_timeout=100"))  # this pooled connection gives up quickly
+        holder.execute("BEGIN IMMEDIATE")  # another process's writer holds the file
+
+        async def write() -> None:
+            async with write_transaction(engine) as conn:
+                await conn.execute(text("INSERT INTO t VALUES (1)"))
+
+        with pytest.raises(OperationalError) as caught:
+            await write()
+        assert is_database_outage(caught.value)  # 503 database_unavailable, not a 500
+        holder.execute("ROLLBACK")
+        await write()  # and the connection still works
+    finally:
+        holder.close()
         await engine.dispose()
