@@ -88,8 +88,13 @@ class Prepared:
         else:
             binds = tuple(form.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names)
             results = tuple(column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns)
-        row = collections.namedtuple("Row", [column.key or f"c{n}" for n, column in enumerate(columns)], rename=True)  # type: ignore[misc]
-        writes = bool(form.isinsert or form.isupdate or form.isdelete)
+        keys = [column.key or f"c{n}" for n, column in enumerate(columns)]
+        if len(set(keys)) != len(keys) or not all(key.isidentifier() and not key.startswith("_") for key in keys):
+            # A silently renamed column would hand a caller another column's value under its name.
+            raise ValueError(f"a prepared statement's columns need distinct plain names: {keys}")
+        row = collections.namedtuple("Row", keys)  # type: ignore[misc]
+        # Only a SELECT may run outside a transaction; anything else (text() included) is a write.
+        writes = not getattr(self.statement, "is_select", False)
         compiled = _Compiled(sql, names, defaults, binds, results, row, writes)
         self._compiled[dialect.name] = compiled
         return compiled
@@ -120,7 +125,7 @@ class Prepared:
         """Every row of a query, each a named tuple (``row.column`` and ``row[i]``)."""
         params = params or {}
         compiled = self._compile(conn.dialect)
-        direct = _direct(conn, compiled.writes)
+        direct = _direct(conn, writes=compiled.writes)
         if direct is None:
             return list((await conn.execute(self.statement, params)).all())
         found = await _run(conn, compiled, direct.rows, self._args(compiled, params))
@@ -130,7 +135,7 @@ class Prepared:
         """The first row of a query, or None."""
         params = params or {}
         compiled = self._compile(conn.dialect)
-        direct = _direct(conn, compiled.writes)
+        direct = _direct(conn, writes=compiled.writes)
         if direct is None:
             return (await conn.execute(self.statement, params)).first()
         found = await _run(conn, compiled, direct.rows, self._args(compiled, params))
@@ -140,7 +145,7 @@ class Prepared:
         """A write with one set of parameters (returns the rows it touched) or many (returns 0)."""
         params = params if params is not None else {}
         compiled = self._compile(conn.dialect)
-        direct = _direct(conn, compiled.writes)
+        direct = _direct(conn, writes=True)
         if isinstance(params, Mapping):
             if direct is None:
                 return int((await conn.execute(self.statement, params)).rowcount)
@@ -216,7 +221,11 @@ def _direct(conn: AsyncConnection, writes: bool) -> _Asyncpg | _Aiosqlite | None
         return None
     dialect = conn.dialect
     if dialect.name == "sqlite" and dialect.driver == "aiosqlite":
-        if driver.in_transaction:
+        try:
+            open_transaction = driver.in_transaction
+        except ValueError:  # aiosqlite's "no active connection": let SQLAlchemy meet it and drop it
+            return None
+        if open_transaction:
             # BEGIN was sent when SQLAlchemy's transaction began; SQLAlchemy commits or rolls back.
             return _Aiosqlite(driver) if conn.in_transaction() else None
         # No transaction: a read is its own (sqlite3 is in autocommit here, see storage.db).
@@ -238,10 +247,10 @@ async def _run(conn: AsyncConnection, compiled: _Compiled, call: Callable[[str, 
     try:
         return await call(compiled.sql, args)
     except asyncio.CancelledError:
-        # As SQLAlchemy does: a PostgreSQL statement cut off midway leaves its connection in doubt.
-        if conn.dialect.name == "postgresql":
-            with contextlib.suppress(Exception):
-                await _drop(conn, None, pool_wide=False)
+        # As SQLAlchemy does: a statement cut off midway leaves its connection in doubt (on
+        # SQLite it may still be running in aiosqlite's thread, inside the transaction).
+        with contextlib.suppress(Exception):
+            await _drop(conn, None, pool_wide=False)
         raise
     except Exception as error:
         translated = await _translated(conn, compiled.sql, error)
@@ -266,11 +275,12 @@ def _asyncpg_errors() -> tuple[type[Exception], ...]:
 async def _translated(conn: AsyncConnection, sql: str, error: Exception) -> Exception:
     """The driver's error as SQLAlchemy would raise it; a connection in doubt is invalidated first."""
     if isinstance(error, sqlite3.Error):
-        if isinstance(error, sqlite3.IntegrityError):
-            return sa_exc.IntegrityError(sql, None, error)
-        if isinstance(error, sqlite3.OperationalError):  # locked, busy, disk I/O
-            return sa_exc.OperationalError(sql, None, error)
-        return sa_exc.DBAPIError(sql, None, error)
+        # The class SQLAlchemy would pick (IntegrityError, OperationalError, ProgrammingError, ...).
+        return sa_exc.DBAPIError.instance(sql, None, error, sqlite3.Error, dialect=conn.dialect)
+    if conn.dialect.name == "sqlite" and isinstance(error, ValueError):
+        # aiosqlite's "no active connection": closed under SQLAlchemy's feet.
+        await _drop(conn, error, pool_wide=False)
+        return sa_exc.OperationalError(sql, None, error, connection_invalidated=True)
     if conn.dialect.name != "postgresql":
         return error
     integrity, lost, refused, interface, internal = _asyncpg_errors()

@@ -11,8 +11,21 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from sqlalchemy import Column, DateTime, Integer, LargeBinary, MetaData, String, Table, bindparam, event, func, select
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ResourceClosedError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from custody.settings import Settings
@@ -99,10 +112,25 @@ async def test_only_what_begins_a_transaction_goes_through_sqlalchemy(engine: As
 
 
 async def test_a_write_outside_a_transaction_is_never_committed_behind_sqlalchemys_back(engine: AsyncEngine) -> None:
+    raw_write = Prepared(text("INSERT INTO things (name, amount, at) VALUES ('raw', '1', '2026-01-01 00:00:00')"))
     async with engine.connect() as conn:  # no transaction begun, none committed
         await INSERT.run(conn, {"name": "uncommitted", "amount": 1, "at": AT, "blob": None})
+    async with engine.connect() as conn:
+        # Not a SELECT, so a write whichever method runs it: through SQLAlchemy, which says it returns no rows.
+        with pytest.raises(ResourceClosedError):
+            await raw_write.first(conn)
     async with reading(engine) as conn:
         assert await BY_NAME.first(conn, {"n": "uncommitted"}) is None
+        assert await BY_NAME.first(conn, {"n": "raw"}) is None
+
+
+def test_a_statement_whose_columns_share_a_name_is_refused() -> None:
+    from sqlalchemy.dialects import postgresql
+
+    other = Table("other", MetaData(), Column("name", String(40)))
+    statement = Prepared(select(things.c.name, other.c.name))
+    with pytest.raises(ValueError, match="distinct"):
+        statement._compile(postgresql.asyncpg.dialect())
 
 
 async def test_a_failed_transaction_leaves_nothing_of_its_prepared_writes(engine: AsyncEngine) -> None:

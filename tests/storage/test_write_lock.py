@@ -69,3 +69,27 @@ async def test_a_database_locked_by_another_process_is_an_outage(tmp_path: Path)
     finally:
         holder.close()
         await engine.dispose()
+
+
+async def test_after_a_failed_begin_the_next_write_on_that_connection_is_still_transactional(tmp_path: Path) -> None:
+    import sqlite3
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", timeout=0.3)
+    holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    try:
+        async with write_transaction(engine) as conn:
+            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
+            await conn.execute(text("PRAGMA busy_timeout=100"))
+        holder.execute("BEGIN IMMEDIATE")
+        async with engine.connect() as conn:
+            immediate = await conn.execution_options(sqlite_immediate=True)
+            with pytest.raises(OperationalError):
+                await immediate.begin()  # locked by the other writer
+            holder.execute("ROLLBACK")
+            await conn.execute(text("INSERT INTO t VALUES (1)"))  # begins a transaction of its own
+            await conn.rollback()
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+    finally:
+        holder.close()
+        await engine.dispose()
