@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from custody.storage.db import create_engine, is_database_outage, write_transaction
 
@@ -46,50 +49,48 @@ async def test_a_writer_waits_at_most_the_timeout_for_the_write_lock(tmp_path: P
         await engine.dispose()
 
 
-async def test_a_database_locked_by_another_process_is_an_outage(tmp_path: Path) -> None:
-    import sqlite3
-
+@pytest.fixture
+async def locked(tmp_path: Path) -> AsyncIterator[tuple[AsyncEngine, sqlite3.Connection]]:
+    """An engine whose pooled connection gives up after 100 ms, and another process's writer holding the file."""
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", timeout=0.3)
     holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
     try:
         async with write_transaction(engine) as conn:
             await conn.execute(text("CREATE TABLE t (x INTEGER)"))
             await conn.execute(text("PRAGMA busy_timeout=100"))  # this pooled connection gives up quickly
-        holder.execute("BEGIN IMMEDIATE")  # another process's writer holds the file
-
-        async def write() -> None:
-            async with write_transaction(engine) as conn:
-                await conn.execute(text("INSERT INTO t VALUES (1)"))
-
-        with pytest.raises(OperationalError) as caught:
-            await write()
-        assert is_database_outage(caught.value)  # 503 database_unavailable, not a 500
-        holder.execute("ROLLBACK")
-        await write()  # and the connection still works
-    finally:
-        holder.close()
-        await engine.dispose()
-
-
-async def test_after_a_failed_begin_the_next_write_on_that_connection_is_still_transactional(tmp_path: Path) -> None:
-    import sqlite3
-
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", timeout=0.3)
-    holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
-    try:
-        async with write_transaction(engine) as conn:
-            await conn.execute(text("CREATE TABLE t (x INTEGER)"))
-            await conn.execute(text("PRAGMA busy_timeout=100"))
         holder.execute("BEGIN IMMEDIATE")
-        async with engine.connect() as conn:
-            immediate = await conn.execution_options(sqlite_immediate=True)
-            with pytest.raises(OperationalError):
-                await immediate.begin()  # locked by the other writer
-            holder.execute("ROLLBACK")
-            await conn.execute(text("INSERT INTO t VALUES (1)"))  # begins a transaction of its own
-            await conn.rollback()
-        async with engine.connect() as conn:
-            assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
+        yield engine, holder
     finally:
         holder.close()
         await engine.dispose()
+
+
+async def test_a_database_locked_by_another_process_is_an_outage(
+    locked: tuple[AsyncEngine, sqlite3.Connection],
+) -> None:
+    engine, holder = locked
+
+    async def write() -> None:
+        async with write_transaction(engine) as conn:
+            await conn.execute(text("INSERT INTO t VALUES (1)"))
+
+    with pytest.raises(OperationalError) as caught:
+        await write()
+    assert is_database_outage(caught.value)  # 503 database_unavailable, not a 500
+    holder.execute("ROLLBACK")
+    await write()  # and the connection still works
+
+
+async def test_after_a_failed_begin_the_next_write_on_that_connection_is_still_transactional(
+    locked: tuple[AsyncEngine, sqlite3.Connection],
+) -> None:
+    engine, holder = locked
+    async with engine.connect() as conn:
+        immediate = await conn.execution_options(sqlite_immediate=True)
+        with pytest.raises(OperationalError):
+            await immediate.begin()  # locked by the other writer
+        holder.execute("ROLLBACK")
+        await conn.execute(text("INSERT INTO t VALUES (1)"))  # begins a transaction of its own
+        await conn.rollback()
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one() == 0
