@@ -160,8 +160,9 @@ def _upsert(dialect: str) -> Prepared:
     time, which costs more than the round trip.)
     """
     keys = ["wallet_id", "counter", "agent_id", "bucket"]
+    bound: dict[str, Any] = {name: bindparam(name) for name in [*keys, "amount"]}
     if dialect == "postgresql":
-        pg = postgresql.insert(ledger_buckets).values({name: bindparam(name) for name in [*keys, "amount"]})
+        pg = postgresql.insert(ledger_buckets).values(bound)
         return Prepared(
             pg.on_conflict_do_update(
                 # Written out: the column's Python-side type is text-backed, and would make "+" a concatenation.
@@ -169,7 +170,7 @@ def _upsert(dialect: str) -> Prepared:
                 set_={"amount": literal_column("ledger_buckets.amount + excluded.amount")},
             )
         )
-    lite = sqlite.insert(ledger_buckets).values({name: bindparam(name) for name in [*keys, "amount"]})
+    lite = sqlite.insert(ledger_buckets).values(bound)
     return Prepared(
         lite.on_conflict_do_update(
             index_elements=keys, set_={"amount": func.custody_add(ledger_buckets.c.amount, lite.excluded.amount)}
