@@ -194,10 +194,28 @@ async def signer_client(settings: Settings, signer: SignerThread) -> AsyncIterat
 @pytest.fixture
 async def api(settings: Settings, signer: SignerThread) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     """The real app (lifespan included) over ASGI, and the first admin's token."""
+    async for client in _in_process_api(settings, background=True):
+        yield client
+
+
+@pytest.fixture
+async def admin_api(settings: Settings, signer: SignerThread) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """As ``api``, for setting up what a test then uses through ``live_server`` with synchronous clients.
+
+    Those calls block this event loop. The in-process app therefore runs nothing in the
+    background (audit sealer, sweep, webhooks): on SQLite a write transaction it had begun
+    would hold the database's lock across the block, and the live server's payment would wait
+    for it until its timeout (503).
+    """
+    async for client in _in_process_api(settings, background=False):
+        yield client
+
+
+async def _in_process_api(settings: Settings, *, background: bool) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
     from custody.api.app import create_app
     from custody.services.operators import ensure_first_admin
 
-    app = create_app(settings)
+    app = create_app(settings, background=background)
     async with app.router.lifespan_context(app):
         token = await ensure_first_admin(app.state.ctx)
         assert token is not None

@@ -41,9 +41,9 @@ def bob() -> str:
 
 
 @pytest.fixture
-async def payer(api: tuple[httpx.AsyncClient, str], chain: DevChain, usdc: TestToken, bob: str) -> Payer:
+async def payer(admin_api: tuple[httpx.AsyncClient, str], chain: DevChain, usdc: TestToken, bob: str) -> Payer:
     policy = token_policy(chain, usdc, payees=[bob], cap=CAP, kinds=["token_transfer"])
-    return await custody_payer(api[0], chain, usdc, policy, tokens=2_000_000, wei=10**18)
+    return await custody_payer(admin_api[0], chain, usdc, policy, tokens=2_000_000, wei=10**18)
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ async def test_an_erc20_transfer_is_signed_through_web3_middleware_and_raw_then_
 
 @SQLITE
 async def test_a_transfer_to_an_unlisted_payee_or_over_the_cap_is_denied_from_the_calldata_and_nothing_is_mined(
-    api: tuple[httpx.AsyncClient, str],
+    admin_api: tuple[httpx.AsyncClient, str],
     chain: DevChain,
     usdc: TestToken,
     bob: str,
@@ -112,7 +112,7 @@ async def test_a_transfer_to_an_unlisted_payee_or_over_the_cap_is_denied_from_th
     register_with_web3()
     w3.middleware_onion.inject(SignAndSendRawMiddlewareBuilder.build(account), layer=0)
     token = w3.eth.contract(address=usdc.address, abi=usdc.contract.abi)
-    block, signed_before = w3.eth.block_number, await signed_count(api[0])
+    block, signed_before = w3.eth.block_number, await signed_count(admin_api[0])
 
     # The transaction's `to` is the (unlisted) token contract; the payee in the calldata is what is judged.
     with pytest.raises(PolicyDenied) as unlisted:
@@ -131,5 +131,5 @@ async def test_a_transfer_to_an_unlisted_payee_or_over_the_cap_is_denied_from_th
     assert w3.eth.block_number == block
     assert w3.eth.get_transaction_count(payer.address) == 0
     assert (usdc.balance_of(eve), usdc.balance_of(bob)) == (0, 0)
-    assert await signed_count(api[0]) == signed_before
+    assert await signed_count(admin_api[0]) == signed_before
     assert remaining(custody, payer) == CAP

@@ -176,10 +176,10 @@ def paying_http(paywall: Paywall, client: x402Client) -> httpx.AsyncClient:
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_an_agent_pays_for_a_report_over_x402_within_a_budget_shared_with_token_transfers(
-    api: tuple[httpx.AsyncClient, str], live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    admin_api: tuple[httpx.AsyncClient, str], live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts = forbid_non_loopback(monkeypatch)
-    admin, _ = api
+    admin, _ = admin_api
     with start_chain() as chain:
         usdc = chain.deploy_test_usdc()
         merchant = Account.create().address
