@@ -667,7 +667,7 @@ async def load_history(service: Service, wallet: WalletUnderTest, count: int) ->
     """
     from sqlalchemy import insert, select, text
 
-    from custody.payments.ledger import _bump, ledger_entries, payments
+    from custody.payments.ledger import SPANS, _bump, _floor, ledger_entries, payments
     from custody.services.context import Context
     from custody.settings import Settings
 
@@ -692,7 +692,7 @@ async def load_history(service: Service, wallet: WalletUnderTest, count: int) ->
         now = datetime.now(UTC)
         start = now - timedelta(days=30)
         step = (now - timedelta(minutes=1) - start) / count
-        buckets: dict[tuple[str, datetime], int] = defaultdict(int)
+        totals: dict[tuple[str, int, datetime], int] = defaultdict(int)  # counter, span, start
         postgres = not settings.uses_sqlite
         pay_columns = (
             "id",
@@ -720,10 +720,11 @@ async def load_history(service: Service, wallet: WalletUnderTest, count: int) ->
                 pay_rows.append(
                     (payment_id, wallet.id, wallet.agent_id, "transaction", "{}", payee, "signed", "{}", at, at)
                 )
-                hour = at.replace(minute=0, second=0, microsecond=0)
+                starts = [(int(span.total_seconds()), _floor(at, span)) for span in SPANS]
                 for counter, amount, decimal in exact:
                     entry_rows.append((payment_id, wallet.id, wallet.agent_id, counter, decimal, at))
-                    buckets[(counter, hour)] += amount
+                    for span, begins in starts:
+                        totals[(counter, span, begins)] += amount
             if postgres:
                 async with ctx.engine.connect() as conn:
                     driver = (await conn.get_raw_connection()).driver_connection
@@ -736,11 +737,14 @@ async def load_history(service: Service, wallet: WalletUnderTest, count: int) ->
                     await conn.execute(insert(payments), [dict(zip(pay_columns, r, strict=True)) for r in pay_rows])
                     entries = [dict(zip(entry_columns, r, strict=True)) | {"amount": int(r[4])} for r in entry_rows]
                     await conn.execute(insert(ledger_entries), entries)
-        # The wallet's own bucket rows (from the first payment) are added to, never replaced.
+        # The wallet's own hour and minute totals (from the first payment) are added to, never replaced.
         async with ctx.engine.begin() as conn:
             await _bump(
                 conn,
-                {(wallet.id, wallet.agent_id, counter, hour): amount for (counter, hour), amount in buckets.items()},
+                {
+                    (wallet.id, wallet.agent_id, counter, span, begins): amount
+                    for (counter, span, begins), amount in totals.items()
+                },
             )
         async with ctx.engine.connect() as conn:  # what autovacuum would do after a bulk load
             await conn.execute(text("ANALYZE"))

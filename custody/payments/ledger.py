@@ -6,10 +6,12 @@ so far and records every question it could not answer; the questions are fetched
 the caller's transaction, so under its wallet lock) and the evaluation runs again, until
 it asked nothing new.
 
-A window total is exact and cheap: whole hours inside the window are read from
-``ledger_buckets`` (hourly sums kept in the same transaction as every entry), and only
-the two partial hours at its edges from ``ledger_entries`` (an indexed range). A 30-day
-window reads at most 720 bucket rows, however many payments it holds.
+A window total is exact and cheap: whole hours are read from ``ledger_buckets`` (totals
+by the hour and by the minute, kept in the same transaction as every entry), the part
+of an hour at the window's start from minute totals and at most one minute of
+``ledger_entries`` (an indexed range), and the window's end from the entries after it
+(none, as a policy's windows end in the future). A 30-day window reads at most 721 hour
+rows and 30 minute rows, however many payments it holds. :func:`_edges` has the details.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from policies import Decision, Grant, Intent, Limit, Policy, SpendView, evaluate
 
 ledger_entries: Table = LedgerEntryRow.__table__  # type: ignore[attr-defined]
 ledger_buckets: Table = LedgerBucketRow.__table__  # type: ignore[attr-defined]
-BUCKET = timedelta(hours=1)
+HOUR = timedelta(hours=1)
+MINUTE = timedelta(minutes=1)
+SPANS = (HOUR, MINUTE)  # the totals kept for every entry
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 payments: Table = PaymentRow.__table__  # type: ignore[attr-defined]
 # Payments whose spend counts: reserved (signing under way or crashed) and signed.
 SPENDING = ("reserved", "signed")
@@ -78,13 +83,10 @@ def _window(wallet_id: str, counter: str, since: datetime, until: datetime, agen
     return conditions
 
 
-def _floor(at: datetime) -> datetime:
-    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-
-
-def _ceil(at: datetime) -> datetime:
-    floor = _floor(at)
-    return floor if floor == at else floor + BUCKET
+def _floor(at: datetime, span: timedelta = HOUR) -> datetime:
+    """The start of the hour (or minute) holding ``at``, in UTC."""
+    at = at.astimezone(UTC)
+    return at - (at - _EPOCH) % span
 
 
 def _sum(dialect: str, column: Any) -> Any:
@@ -103,26 +105,68 @@ def _entries_sum(dialect: str, n: int, since: str, until: str, scoped: bool) -> 
     return select(_sum(dialect, ledger_entries.c.amount)).where(*conditions).scalar_subquery()
 
 
-def _total_columns(dialect: str, n: int, scoped: bool, split: bool) -> list[Any]:
-    """The sums that add up to window ``n``: edge hours from entries, whole hours from buckets."""
-    if not split:
-        return [_entries_sum(dialect, n, f"s{n}", f"u{n}", scoped)]
+def _totals_sum(dialect: str, n: int, span: timedelta, since: str, until: str, scoped: bool) -> Any:
     conditions = [
         ledger_buckets.c.wallet_id == bindparam("wallet"),
         ledger_buckets.c.counter == bindparam(f"c{n}"),
-        ledger_buckets.c.bucket >= bindparam(f"is{n}"),
-        ledger_buckets.c.bucket < bindparam(f"iu{n}"),
+        ledger_buckets.c.span == bindparam(f"{since}_span", int(span.total_seconds())),
+        ledger_buckets.c.bucket >= bindparam(since),
+        ledger_buckets.c.bucket < bindparam(until),
     ]
     if scoped:
         conditions.append(ledger_buckets.c.agent_id == bindparam(f"a{n}"))
+    return select(_sum(dialect, ledger_buckets.c.amount)).where(*conditions).scalar_subquery()
+
+
+def _total_columns(dialect: str, n: int, scoped: bool) -> list[Any]:
+    """The four sums that make window ``n`` (see :func:`_edges`)."""
     return [
-        _entries_sum(dialect, n, f"s{n}", f"is{n}", scoped),
-        select(_sum(dialect, ledger_buckets.c.amount)).where(*conditions).scalar_subquery(),
-        _entries_sum(dialect, n, f"iu{n}", f"u{n}", scoped),
+        _entries_sum(dialect, n, f"ss{n}", f"su{n}", scoped),
+        _totals_sum(dialect, n, MINUTE, f"ms{n}", f"mu{n}", scoped),
+        _totals_sum(dialect, n, HOUR, f"hs{n}", f"hu{n}", scoped),
+        _entries_sum(dialect, n, f"es{n}", f"eu{n}", scoped),
     ]
 
 
-# A question's shape: ("total", agent-scoped, split into hours) or ("paid",).
+def _edges(since: datetime, until: datetime) -> tuple[int, dict[str, datetime]]:
+    """How the total over ``[since, until)`` is read: ``sign * (entries + minutes) + hours - entries after``.
+
+    The hours run from the hour holding ``since`` (or the next one) to the end of the hour
+    holding ``until`` (or to ``until`` when it is on the hour). The rest corrects them:
+
+    * At the start, whichever part of since's hour is shorter, at most half an hour: the part
+      before ``since`` is subtracted from its whole hour, or the part after it is added to the
+      hours that follow. That part is read as minute totals and the entries of one minute.
+    * At the end, the entries from ``until`` to the end of its hour are subtracted. A policy's
+      windows end in the future, so these are normally none.
+
+    Any range may be empty (``since`` or ``until`` on the hour or the minute, or both in one
+    hour). The result is exact in every case: each total holds exactly the entries in its span.
+    """
+    hour, minute = _floor(since), _floor(since, MINUTE)
+    if since - hour < HOUR / 2:  # subtract [hour, since): minutes up to since's minute, then entries
+        sign, hours_from = -1, hour
+        entries, minutes = (minute, since), (hour, minute)
+    else:  # add [since, next hour): entries up to the next minute, then minutes
+        sign, hours_from = 1, hour + HOUR
+        next_minute = minute if minute == since else minute + MINUTE
+        entries, minutes = (since, next_minute), (next_minute, hour + HOUR)
+    last = _floor(until)
+    hours_to = last if until == last else last + HOUR
+    ranges = {
+        "ss": entries[0],
+        "su": entries[1],
+        "ms": minutes[0],
+        "mu": minutes[1],
+        "hs": hours_from,
+        "hu": hours_to,
+        "es": until,
+        "eu": hours_to,
+    }
+    return sign, ranges
+
+
+# A question's shape: ("total", agent-scoped) or ("paid",).
 Shape = tuple[Any, ...]
 
 
@@ -132,7 +176,7 @@ def _statement(dialect: str, shapes: tuple[Shape, ...]) -> Prepared:
     columns: list[Any] = []
     for n, shape in enumerate(shapes):
         if shape[0] == "total":
-            columns.extend(_total_columns(dialect, n, shape[1], shape[2]))
+            columns.extend(_total_columns(dialect, n, shape[1]))
         else:
             paid = select(payments.c.id).where(
                 payments.c.wallet_id == bindparam("wallet"),
@@ -154,12 +198,12 @@ async def window_total(
 
 @functools.lru_cache(maxsize=4)
 def _upsert(dialect: str) -> Prepared:
-    """Add to one hourly total (run with many parameter sets): built once, so its compiled form is cached.
+    """Add to one total (run with many parameter sets): built once, so its compiled form is cached.
 
     (A multi-row VALUES statement would save a round trip, but SQLAlchemy compiles it afresh every
     time, which costs more than the round trip.)
     """
-    keys = ["wallet_id", "counter", "agent_id", "bucket"]
+    keys = ["wallet_id", "counter", "span", "bucket", "agent_id"]
     bound: dict[str, Any] = {name: bindparam(name) for name in [*keys, "amount"]}
     if dialect == "postgresql":
         pg = postgresql.insert(ledger_buckets).values(bound)
@@ -181,30 +225,41 @@ def _upsert(dialect: str) -> Prepared:
 _INSERT_ENTRIES = Prepared.insert(ledger_entries, "payment_id", "wallet_id", "agent_id", "counter", "amount", "at")
 
 
-async def _bump(conn: AsyncConnection, changes: dict[tuple[str, str, str, datetime], int]) -> None:
-    """Add amounts to hourly totals, keyed (wallet, agent, counter, hour)."""
+Totals = dict[tuple[str, str, str, int, datetime], int]
+
+
+async def _bump(conn: AsyncConnection, changes: Totals) -> None:
+    """Add amounts to totals, keyed (wallet, agent, counter, span in seconds, start)."""
     if not changes:
         return
     values = [
-        {"wallet_id": wallet_id, "agent_id": agent_id, "counter": counter, "bucket": bucket, "amount": amount}
-        for (wallet_id, agent_id, counter, bucket), amount in changes.items()
+        {
+            "wallet_id": wallet_id,
+            "agent_id": agent_id,
+            "counter": counter,
+            "span": span,
+            "bucket": bucket,
+            "amount": amount,
+        }
+        for (wallet_id, agent_id, counter, span, bucket), amount in changes.items()
     ]
     await _upsert(conn.dialect.name).run(conn, values)
 
 
-def _changes(rows: Iterable[Any], sign: int) -> dict[tuple[str, str, str, datetime], int]:
-    """Ledger entries summed per hourly total (a statement may touch each total once)."""
-    changes: dict[tuple[str, str, str, datetime], int] = {}
+def _changes(rows: Iterable[Any], sign: int) -> Totals:
+    """Ledger entries summed per hourly and per minute total (a statement may touch each total once)."""
+    changes: Totals = {}
     for row in rows:
         at = row["at"]
         at = at if at.tzinfo else at.replace(tzinfo=UTC)
-        key = (row["wallet_id"], row["agent_id"], row["counter"], _floor(at))
-        changes[key] = changes.get(key, 0) + sign * int(row["amount"])
+        for span in SPANS:
+            key = (row["wallet_id"], row["agent_id"], row["counter"], int(span.total_seconds()), _floor(at, span))
+            changes[key] = changes.get(key, 0) + sign * int(row["amount"])
     return changes
 
 
 async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Add ledger entries (a reservation) and their hourly totals, in the caller's transaction."""
+    """Add ledger entries (a reservation) and their totals, in the caller's transaction."""
     if rows:
         await _INSERT_ENTRIES.run(conn, rows)
         await _bump(conn, _changes(rows, 1))
@@ -240,7 +295,7 @@ async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question
     Sums are added here, not in SQL: SQLite's exact sum hands back text for amounts beyond 64 bits.
     """
     answers: dict[Question, Any] = {}
-    asked: list[tuple[Question, int]] = []
+    asked: list[tuple[Question, tuple[int, ...]]] = []  # each question's columns, as the signs they add with
     shapes: list[Shape] = []
     params: dict[str, Any] = {"wallet": wallet_id}
     for question in questions:
@@ -251,28 +306,29 @@ async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question
         n = len(shapes)
         if kind == "total":
             _, counter, since, until, agent_id = question
-            inner_start, inner_end = _ceil(since), _floor(until)
-            split = inner_start < inner_end
-            params |= {f"c{n}": counter, f"s{n}": since, f"u{n}": until}
-            if split:
-                params |= {f"is{n}": inner_start, f"iu{n}": inner_end}
+            if since >= until:
+                answers[question] = 0
+                continue
+            sign, ranges = _edges(since, until)
+            params |= {f"{name}{n}": at for name, at in ranges.items()}
+            params[f"c{n}"] = counter
             if agent_id is not None:
                 params[f"a{n}"] = agent_id
-            shapes.append(("total", agent_id is not None, split))
-            asked.append((question, 3 if split else 1))
+            shapes.append(("total", agent_id is not None))
+            asked.append((question, (sign, sign, 1, -1)))
         else:
             params[f"p{n}"] = question[1]
             shapes.append(("paid",))
-            asked.append((question, 1))
+            asked.append((question, (1,)))
     if shapes:
         row = await _statement(conn.dialect.name, tuple(shapes)).first(conn, params)
         assert row is not None  # a SELECT of scalar subqueries always has its one row
         at = 0
-        for question, width in asked:
-            values = row[at : at + width]
-            at += width
+        for question, signs in asked:
+            values = row[at : at + len(signs)]
+            at += len(signs)
             if question[0] == "total":
-                answers[question] = sum(int(value or 0) for value in values)
+                answers[question] = sum(sign * int(value or 0) for sign, value in zip(signs, values, strict=True))
             else:
                 answers[question] = bool(values[0])
     return answers

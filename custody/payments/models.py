@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from custody.storage.types import BigInt
@@ -147,13 +147,20 @@ class FreezeRow(SQLModel, table=True):
 
 
 class LedgerBucketRow(SQLModel, table=True):
-    """Hourly totals of ledger_entries per counter and agent, so a window's sum reads at most
-    one row per hour of the window plus the entries of its two partial edge hours."""
+    """Totals of ledger_entries per counter and agent, by the hour and by the minute.
+
+    A window's sum reads one row per hour of the window, at most 30 minute rows and one
+    minute of entries at its start, and the entries after its end within that hour (none
+    when the window ends in the future, as a policy's do). See ``custody.payments.ledger``.
+    """
 
     __tablename__ = "ledger_buckets"
+    __table_args__ = (Index("ix_ledger_buckets_agent", "wallet_id", "agent_id", "counter", "span", "bucket"),)
 
+    # Key order serves the wallet-wide sums (a range of buckets over every agent); the index serves one agent's.
     wallet_id: str = Field(primary_key=True, max_length=40)
     counter: str = Field(primary_key=True, max_length=80)
-    agent_id: str = Field(primary_key=True, max_length=40)
+    span: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))  # seconds: 3600 or 60
     bucket: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    agent_id: str = Field(primary_key=True, max_length=40)
     amount: int = Field(sa_column=Column(BigInt, nullable=False))

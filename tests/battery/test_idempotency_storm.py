@@ -46,7 +46,10 @@ async def _snapshot(engine: AsyncEngine) -> dict[str, Any]:
                 )
             ),
             "buckets": sorted(
-                tuple(r) for r in await conn.execute(select(ledger_buckets.c.counter, ledger_buckets.c.amount))
+                tuple(r)
+                for r in await conn.execute(
+                    select(ledger_buckets.c.span, ledger_buckets.c.counter, ledger_buckets.c.amount)
+                )
             ),
             "keys": sorted(
                 tuple(r)
@@ -110,8 +113,10 @@ async def test_a_storm_of_replays_signs_once_and_a_changed_body_changes_nothing(
     assert [p for p in state["payments"] if p[0] == payment_id] == [(payment_id, "signed")]
     assert len(state["payments"]) == 1
     assert state["entries"] == sorted([(payment_id, f"{CHAIN}:native", VALUE + GAS), (payment_id, "payments", 1)])
-    assert sorted((c, int(a)) for c, a in state["buckets"]) == sorted(
-        [(f"{CHAIN}:native", VALUE + GAS), ("payments", 1)]
+    assert sorted((s, c, int(a)) for s, c, a in state["buckets"]) == sorted(
+        (span, counter, amount)
+        for span in (3600, 60)
+        for counter, amount in [(f"{CHAIN}:native", VALUE + GAS), ("payments", 1)]
     )
     assert len(state["keys"]) == 1
     assert await _audit_kinds(engine, payment_id) == ["payment.decided", "payment.signed"]

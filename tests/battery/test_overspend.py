@@ -136,7 +136,7 @@ async def _verify(
         entries = (await conn.execute(select(ledger_entries).where(ledger_entries.c.wallet_id == payer["id"]))).all()
         buckets = (
             await conn.execute(
-                select(ledger_buckets.c.counter, ledger_buckets.c.amount).where(
+                select(ledger_buckets.c.span, ledger_buckets.c.counter, ledger_buckets.c.amount).where(
                     ledger_buckets.c.wallet_id == payer["id"]
                 )
             )
@@ -161,11 +161,13 @@ async def _verify(
         assert entry.counter not in counters
         counters[entry.counter] = int(entry.amount)
     assert by_payment == {o.body["payment_id"]: {NATIVE: o.cost, "payments": 1} for o in approved}
-    bucket_totals: Counter[str] = Counter()
-    for counter, amount in buckets:
-        bucket_totals[counter] += int(amount)
-    assert bucket_totals[NATIVE] == total
-    assert bucket_totals["payments"] == len(approved)
+    # Hourly and minute totals each agree with the entries.
+    bucket_totals: Counter[tuple[int, str]] = Counter()
+    for span, counter, amount in buckets:
+        bucket_totals[(span, counter)] += int(amount)
+    for span in (3600, 60):
+        assert bucket_totals[(span, NATIVE)] == total
+        assert bucket_totals[(span, "payments")] == len(approved)
 
     # The audit log: one decision per request, one signature per signed payment, and each signature's hash
     # is the one the client received.

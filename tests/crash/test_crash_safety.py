@@ -145,13 +145,14 @@ async def _check_books(ctx: Context, first: dict[str, httpx.Response], slots: in
     counter = f"{CHAIN}:native"
     spent = sum(int(e.amount) for e in entries if e.counter == counter)
     assert spent <= slots * (EACH + GAS), (spent, slots * (EACH + GAS))
-    # The hourly totals agree with the entries (nothing released twice or twice added).
-    totals: Counter[tuple[str, str]] = Counter()
+    # The hourly and minute totals agree with the entries (nothing released twice or twice added).
+    totals: Counter[tuple[int, str, str]] = Counter()
     for entry in entries:
-        totals[(entry.counter, entry.agent_id)] += int(entry.amount)
-    bucket_totals: Counter[tuple[str, str]] = Counter()
+        for span in (3600, 60):
+            totals[(span, entry.counter, entry.agent_id)] += int(entry.amount)
+    bucket_totals: Counter[tuple[int, str, str]] = Counter()
     for bucket in buckets:
-        bucket_totals[(bucket.counter, bucket.agent_id)] += int(bucket.amount)
+        bucket_totals[(bucket.span, bucket.counter, bucket.agent_id)] += int(bucket.amount)
     assert +bucket_totals == +totals
     # Checked after the books above, so a failure here says whether reservations were lost or never made.
     assert len(signed_answers) == statuses["signed"] == slots, (len(signed_answers), statuses)

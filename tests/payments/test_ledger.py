@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import insert
 
 from custody.keys.envelope import KeyEnvelope
-from custody.payments.ledger import payments, record, release, window_total
+from custody.payments.ledger import _edges, payments, record, release, window_total
 from custody.payments.models import AgentRow
 from custody.services.context import Context
 from custody.storage.db import write_transaction
@@ -67,9 +67,13 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
             await record(conn, entries)
         boundaries = [e["at"] for e in entries[:50]] + [START + timedelta(hours=h) for h in range(0, 80, 7)]
         async with ctx.engine.connect() as conn:
-            for _ in range(150):
+            for _ in range(300):
                 since = rng.choice(boundaries) + timedelta(microseconds=rng.choice([-1000, -1, 0, 1, 1000]))
-                until = since + timedelta(microseconds=rng.randrange(0, 2 * 24 * 3600 * 10**6))
+                # Windows inside one hour, across one boundary, and over days; empty and reversed ones too.
+                longest = rng.choice([3600, 2 * 3600, 2 * 24 * 3600]) * 10**6
+                until = since + timedelta(microseconds=rng.randrange(-1000, longest))
+                if rng.random() < 0.2:
+                    until = until.replace(minute=0, second=0, microsecond=0)
                 agent = rng.choice([None, "agt_a"])
                 expected = sum(
                     e["amount"]
@@ -87,3 +91,14 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
         assert everything == sum(e["amount"] for e in left)
     finally:
         await ctx.close()
+
+
+def test_a_window_reads_at_most_half_an_hour_of_entries_at_its_start_and_only_the_future_at_its_end() -> None:
+    rng = random.Random(11)
+    for _ in range(2000):
+        until = START + timedelta(microseconds=rng.randrange(0, 10 * 24 * 3600 * 10**6))
+        since = until - timedelta(microseconds=rng.randrange(1, 8 * 24 * 3600 * 10**6))
+        _sign, ranges = _edges(since, until)
+        assert ranges["su"] - ranges["ss"] <= timedelta(minutes=30)
+        assert ranges["es"] == until  # the end reads only from the window's end onwards
+        assert ranges["eu"] - ranges["es"] < timedelta(hours=1)
