@@ -6,8 +6,9 @@ Counters are strings: ``"<chain_id>:<asset>"`` (base units, e.g. ``"8453:native"
 half-open: ``since <= at < until``. ``agent_id`` narrows to one agent's payments (for grants);
 ``None`` means the whole wallet.
 
-A SQL ledger answers ``total`` with an indexed range sum over (wallet, counter, at), and
-``reached_at`` with a running sum (``SUM(amount) OVER (ORDER BY at)``) limited to one row.
+The service's SQL ledger (``custody.payments.ledger``) answers ``total`` from hour and minute
+totals plus a few entries at the window's edges, and ``reached_at`` by adding up the window's
+entries in time order until the threshold is reached.
 """
 
 from __future__ import annotations

@@ -11,7 +11,12 @@ by the hour and by the minute, kept in the same transaction as every entry), the
 of an hour at the window's start from minute totals and at most one minute of
 ``ledger_entries`` (an indexed range), and the window's end from the entries after it
 (none, as a policy's windows end in the future). A 30-day window reads at most 721 hour
-rows and 30 minute rows, however many payments it holds. :func:`_edges` has the details.
+rows and 30 minute rows per agent that spent in it, however many payments it holds; the
+price is two total rows per debit instead of one, and a minute row for each minute in which
+an agent spent (never pruned). :func:`_edges` has the details.
+
+Every instant is turned to UTC first: SQLite stores a timestamp's wall-clock digits and
+drops its offset, so a bound in another offset would be compared as if it were UTC.
 """
 
 from __future__ import annotations
@@ -83,9 +88,14 @@ def _window(wallet_id: str, counter: str, since: datetime, until: datetime, agen
     return conditions
 
 
+def _utc(at: datetime) -> datetime:
+    """``at`` as an aware UTC datetime (a naive one is taken to be UTC, as stored ones are)."""
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
 def _floor(at: datetime, span: timedelta = HOUR) -> datetime:
     """The start of the hour (or minute) holding ``at``, in UTC."""
-    at = at.astimezone(UTC)
+    at = _utc(at)
     return at - (at - _EPOCH) % span
 
 
@@ -250,8 +260,7 @@ def _changes(rows: Iterable[Any], sign: int) -> Totals:
     """Ledger entries summed per hourly and per minute total (a statement may touch each total once)."""
     changes: Totals = {}
     for row in rows:
-        at = row["at"]
-        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        at = _utc(row["at"])
         for span in SPANS:
             key = (row["wallet_id"], row["agent_id"], row["counter"], int(span.total_seconds()), _floor(at, span))
             changes[key] = changes.get(key, 0) + sign * int(row["amount"])
@@ -260,6 +269,7 @@ def _changes(rows: Iterable[Any], sign: int) -> Totals:
 
 async def record(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     """Add ledger entries (a reservation) and their totals, in the caller's transaction."""
+    rows = [row if row["at"].tzinfo is UTC else {**row, "at": _utc(row["at"])} for row in rows]
     if rows:
         await _INSERT_ENTRIES.run(conn, rows)
         await _bump(conn, _changes(rows, 1))
@@ -274,6 +284,7 @@ async def release(conn: AsyncConnection, payment_id: str) -> None:
 
 async def _reached(conn: AsyncConnection, wallet_id: str, question: Question) -> datetime | None:
     _, counter, since, until, threshold, agent_id = question
+    since, until = _utc(since), _utc(until)
     rows = await conn.stream(
         select(ledger_entries.c.at, ledger_entries.c.amount)
         .where(*_window(wallet_id, counter, since, until, agent_id))
@@ -306,6 +317,7 @@ async def _fetch(conn: AsyncConnection, wallet_id: str, questions: list[Question
         n = len(shapes)
         if kind == "total":
             _, counter, since, until, agent_id = question
+            since, until = _utc(since), _utc(until)
             if since >= until:
                 answers[question] = 0
                 continue

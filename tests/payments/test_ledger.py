@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 from sqlalchemy import insert
 
@@ -49,8 +49,8 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
         entries = []
         for _ in range(400):
             at = START + timedelta(microseconds=rng.randrange(0, 3 * 24 * 3600 * 10**6))
-            if rng.random() < 0.2:  # many right on an hour boundary
-                at = at.replace(minute=0, second=0, microsecond=0)
+            if rng.random() < 0.2:  # many right on an hour or a minute boundary
+                at = at.replace(minute=rng.choice([0, at.minute]), second=0, microsecond=0)
             agent = rng.choice(["agt_a", "agt_b"])
             amount = rng.choice([1, 10**18, 2**200])
             entries.append(
@@ -64,8 +64,11 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
                 }
             )
         async with write_transaction(ctx.engine) as conn:
-            await record(conn, entries)
+            # Every other entry stamped in another offset: the same instant, recorded as UTC.
+            east = timezone(timedelta(hours=2))
+            await record(conn, [e | {"at": e["at"].astimezone(east)} if n % 2 else e for n, e in enumerate(entries)])
         boundaries = [e["at"] for e in entries[:50]] + [START + timedelta(hours=h) for h in range(0, 80, 7)]
+        boundaries += [START + timedelta(minutes=m) for m in range(7, 4000, 131)]
         async with ctx.engine.connect() as conn:
             for _ in range(300):
                 since = rng.choice(boundaries) + timedelta(microseconds=rng.choice([-1000, -1, 0, 1, 1000]))
@@ -81,6 +84,10 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
                     if since <= e["at"] < until and (agent is None or e["agent_id"] == agent)
                 )
                 assert await window_total(conn, "wal_l", COUNTER, since, until, agent) == expected
+                # The same instants given in another offset: the same total.
+                zone = timezone(timedelta(hours=rng.choice([-3, 2, 5.5])))
+                local = (since.astimezone(zone), until.astimezone(zone))
+                assert await window_total(conn, "wal_l", COUNTER, *local, agent) == expected
         async with write_transaction(ctx.engine) as conn:
             await release(conn, "pay_1")
         left = [e for e in entries if e["payment_id"] == "pay_2"]
@@ -93,12 +100,14 @@ async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: objec
         await ctx.close()
 
 
-def test_a_window_reads_at_most_half_an_hour_of_entries_at_its_start_and_only_the_future_at_its_end() -> None:
+def test_a_window_reads_one_minute_of_entries_and_30_minute_totals_at_its_start_and_only_the_future_at_its_end() -> (
+    None
+):
     rng = random.Random(11)
     for _ in range(2000):
         until = START + timedelta(microseconds=rng.randrange(0, 10 * 24 * 3600 * 10**6))
         since = until - timedelta(microseconds=rng.randrange(1, 8 * 24 * 3600 * 10**6))
         _sign, ranges = _edges(since, until)
-        assert ranges["su"] - ranges["ss"] <= timedelta(minutes=30)
+        assert timedelta(0) <= ranges["su"] - ranges["ss"] <= timedelta(minutes=1)
+        assert timedelta(0) <= ranges["mu"] - ranges["ms"] <= timedelta(minutes=30)
         assert ranges["es"] == until  # the end reads only from the window's end onwards
-        assert ranges["eu"] - ranges["es"] < timedelta(hours=1)

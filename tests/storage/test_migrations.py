@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from alembic import command
 from sqlalchemy import Connection, DateTime, String, column, insert, select, table
 
-from custody.payments.ledger import ledger_buckets, ledger_entries, payments, window_total
+from custody.payments.ledger import SPANS, ledger_buckets, ledger_entries, payments, record, window_total
 from custody.payments.models import AgentRow
 from custody.settings import Settings
 from custody.storage.db import _alembic_config, create_engine
@@ -66,6 +67,17 @@ def _expected(entries: list[dict[str, object]], span: timedelta) -> Counter[tupl
     return totals
 
 
+def _stored(rows: list[Any], span: timedelta) -> Counter[tuple[object, ...]]:
+    """The totals of one span as read back from ledger_buckets."""
+    return Counter(
+        {
+            (r.wallet_id, r.counter, r.bucket.replace(tzinfo=UTC), r.agent_id): r.amount
+            for r in rows
+            if r.span == span.total_seconds()
+        }
+    )
+
+
 async def test_upgrading_rebuilds_hour_and_minute_totals_from_the_entries_and_downgrading_keeps_the_hours(
     settings: Settings,
 ) -> None:
@@ -103,15 +115,8 @@ async def test_upgrading_rebuilds_hour_and_minute_totals_from_the_entries_and_do
             await conn.run_sync(_to("head"))
         async with engine.connect() as conn:
             found = (await conn.execute(select(ledger_buckets))).all()
-            for span in (timedelta(hours=1), timedelta(minutes=1)):
-                totals = Counter(
-                    {
-                        (r.wallet_id, r.counter, r.bucket.replace(tzinfo=UTC), r.agent_id): r.amount
-                        for r in found
-                        if r.span == span.total_seconds()
-                    }
-                )
-                assert totals == _expected(entries, span)
+            for span in SPANS:
+                assert _stored(found, span) == _expected(entries, span)
             for _ in range(100):
                 since = START + timedelta(microseconds=rng.randrange(-600 * 10**6, 3 * 3600 * 10**6))
                 until = since + timedelta(microseconds=rng.randrange(1, 3 * 3600 * 10**6))
@@ -124,6 +129,17 @@ async def test_upgrading_rebuilds_hour_and_minute_totals_from_the_entries_and_do
                     and agent in (None, e["agent_id"])
                 )
                 assert await window_total(conn, "wal_m", COUNTER, since, until, agent) == plain
+
+        # The service's own writes land on the totals the migration built (same keys, same stored form).
+        later = dict(entries[0], amount=5)
+        async with engine.begin() as conn:
+            await record(conn, [later])
+        async with engine.connect() as conn:
+            after = (await conn.execute(select(ledger_buckets))).all()
+        assert len(after) == len(found)
+        entries.append(later)
+        for span in SPANS:
+            assert _stored(after, span) == _expected(entries, span)
 
         async with engine.begin() as conn:
             await conn.run_sync(_to("0007", down=True))
