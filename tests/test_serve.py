@@ -47,6 +47,8 @@ def test_serve_from_nothing_then_wallet_create_then_sigterm_stops_the_signer_too
         banner = log.read_text()
         assert "DEVELOPMENT MODE" in banner
         assert "CUSTODY_ADMIN_TOKEN=cop." in banner
+        # Both long-running processes, the API and its signer, froze their start-up objects.
+        assert banner.count("start-up objects kept out of garbage collection") == 2, banner
         created = subprocess.run(
             [sys.executable, "-m", "custody", "wallet", "create", "first", "--json"],
             env=env,

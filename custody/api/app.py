@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -43,8 +43,11 @@ class Readiness(BaseModel):
 _NOT_READY = _PROBLEMS | {503: {"model": Readiness, "description": "Not ready: the same fields, saying what is down."}}
 
 
-def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
-    """The application; ``background=False`` (the CLI's in-process use) runs no webhook dispatcher."""
+def create_app(settings: Settings, *, background: bool = True, started: Callable[[], None] | None = None) -> FastAPI:
+    """The application; ``background=False`` (the CLI's in-process use) runs no webhook dispatcher.
+
+    ``started`` is called once the application has started, before it serves a request.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +66,8 @@ def create_app(settings: Settings, *, background: bool = True) -> FastAPI:
             dispatcher.start()
             sweeper.start()
             sealer.start()
+        if started is not None:
+            started()
         try:
             yield
         finally:

@@ -22,7 +22,7 @@ from custody.cli.operator import admin_request, require_local, run_local
 from custody.cli.output import JsonOption, Progress, banner, emit, errors_to_exit
 from custody.cli.policy import policy_app
 from custody.errors import ConfigurationError, InvalidRequest, SignerUnavailable
-from custody.runtime import die_with_parent, restore_recursion_limit
+from custody.runtime import die_with_parent, freeze_startup_objects, restore_recursion_limit
 from custody.schemas import WalletOut
 from custody.services import operators as operator_service
 from custody.services import wallets as wallet_service
@@ -144,7 +144,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, started=freeze_startup_objects),
             host=settings.host,
             port=settings.port,
             access_log=False,  # custody.access logs requests instead (CUSTODY_ACCESS_LOG)
@@ -223,7 +223,7 @@ def signer_run() -> None:
     _guard(settings, "signer")
     _configure_logging(settings)
     try:
-        asyncio.run(serve_signer(settings))
+        asyncio.run(serve_signer(settings, ready=lambda _core: freeze_startup_objects()))
     except RuntimeError as exc:
         typer.echo(f"error [signer_unavailable]: {exc}", err=True)
         raise typer.Exit(1) from None
