@@ -1,10 +1,15 @@
-"""Set-up steps through the real admin API: a wallet, an agent with a key, a policy."""
+"""Set-up steps through the real admin API (a wallet, an agent with a key, a policy), and one row written directly."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import httpx
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from custody.payments.ledger import payments
 
 
 async def wallet(client: httpx.AsyncClient, name: str = "payer") -> dict[str, Any]:
@@ -73,3 +78,22 @@ def transfer(chain_id: int, to: str, value: int, nonce: int = 0) -> dict[str, An
 
 
 GAS = 21_000 * 2 * 10**9
+
+
+async def signed_payment_row(
+    conn: AsyncConnection, payment_id: str, wallet_id: str, agent_id: str, at: datetime
+) -> None:
+    """A signed payment's row written straight into its table: something for ledger entries to belong to."""
+    await conn.execute(
+        insert(payments).values(
+            id=payment_id,
+            wallet_id=wallet_id,
+            agent_id=agent_id,
+            method="transaction",
+            request="{}",
+            status="signed",
+            decision="{}",
+            created_at=at,
+            updated_at=at,
+        )
+    )

@@ -8,11 +8,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from sqlalchemy import insert
 
 from custody.keys.envelope import KeyEnvelope
-from custody.payments.ledger import _edges, payments, record, release, window_total
+from custody.payments.ledger import _edges, record, release, window_total
 from custody.payments.models import AgentRow
 from custody.services.context import Context
 from custody.storage.db import write_transaction
 from custody.storage.interfaces import Wallet
+from tests.payments.helpers import signed_payment_row
 
 START = datetime(2026, 3, 28, 22, 0, tzinfo=UTC)
 COUNTER = "1:native"
@@ -26,19 +27,7 @@ async def _wallet_with_payment(ctx: Context) -> None:
     async with write_transaction(ctx.engine) as conn:
         await conn.execute(insert(AgentRow.__table__).values(id="agt_a", name="a", created_at=now))  # type: ignore[attr-defined]
         for payment_id in ("pay_1", "pay_2"):
-            await conn.execute(
-                insert(payments).values(
-                    id=payment_id,
-                    wallet_id="wal_l",
-                    agent_id="agt_a",
-                    method="transaction",
-                    request="{}",
-                    status="signed",
-                    decision="{}",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
+            await signed_payment_row(conn, payment_id, "wal_l", "agt_a", now)
 
 
 async def test_window_totals_match_a_plain_sum_at_every_boundary(settings: object) -> None:

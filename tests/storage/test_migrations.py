@@ -10,12 +10,13 @@ from typing import Any
 from alembic import command
 from sqlalchemy import Connection, DateTime, String, column, insert, select, table
 
-from custody.payments.ledger import SPANS, ledger_buckets, ledger_entries, payments, record, window_total
+from custody.payments.ledger import SPANS, ledger_buckets, ledger_entries, record, window_total
 from custody.payments.models import AgentRow
 from custody.settings import Settings
 from custody.storage.db import _alembic_config, create_engine
 from custody.storage.models import WalletRow
 from custody.storage.types import BigInt
+from tests.payments.helpers import signed_payment_row
 
 # ledger_buckets as revision 0007 has it: hours only, no span.
 HOURLY = table(
@@ -95,19 +96,7 @@ async def test_upgrading_rebuilds_hour_and_minute_totals_from_the_entries_and_do
             )
             for agent in ("agt_a", "agt_b"):
                 await conn.execute(insert(AgentRow.__table__).values(id=agent, name=agent, created_at=START))  # type: ignore[attr-defined]
-            await conn.execute(
-                insert(payments).values(
-                    id="pay_m",
-                    wallet_id="wal_m",
-                    agent_id="agt_a",
-                    method="transaction",
-                    request="{}",
-                    status="signed",
-                    decision="{}",
-                    created_at=START,
-                    updated_at=START,
-                )
-            )
+            await signed_payment_row(conn, "pay_m", "wal_m", "agt_a", START)
             # Entries with no totals at all: what revision 0005 left behind for an older ledger.
             await conn.execute(insert(ledger_entries), entries)
 
