@@ -103,38 +103,29 @@ def _sum(dialect: str, column: Any) -> Any:
     return func.custody_sum(column) if dialect == "sqlite" else func.sum(column)
 
 
-def _entries_sum(dialect: str, n: int, since: str, until: str, scoped: bool) -> Any:
+def _range_sum(dialect: str, n: int, since: str, until: str, scoped: bool, span: timedelta | None = None) -> Any:
+    """Window ``n``'s amounts over ``[since, until)``: entries, or (with ``span``) the totals of that span."""
+    table, at = (ledger_entries, ledger_entries.c.at) if span is None else (ledger_buckets, ledger_buckets.c.bucket)
     conditions = [
-        ledger_entries.c.wallet_id == bindparam("wallet"),
-        ledger_entries.c.counter == bindparam(f"c{n}"),
-        ledger_entries.c.at >= bindparam(since),
-        ledger_entries.c.at < bindparam(until),
+        table.c.wallet_id == bindparam("wallet"),
+        table.c.counter == bindparam(f"c{n}"),
+        at >= bindparam(since),
+        at < bindparam(until),
     ]
+    if span is not None:
+        conditions.append(table.c.span == bindparam(f"{since}_span", int(span.total_seconds())))
     if scoped:
-        conditions.append(ledger_entries.c.agent_id == bindparam(f"a{n}"))
-    return select(_sum(dialect, ledger_entries.c.amount)).where(*conditions).scalar_subquery()
-
-
-def _totals_sum(dialect: str, n: int, span: timedelta, since: str, until: str, scoped: bool) -> Any:
-    conditions = [
-        ledger_buckets.c.wallet_id == bindparam("wallet"),
-        ledger_buckets.c.counter == bindparam(f"c{n}"),
-        ledger_buckets.c.span == bindparam(f"{since}_span", int(span.total_seconds())),
-        ledger_buckets.c.bucket >= bindparam(since),
-        ledger_buckets.c.bucket < bindparam(until),
-    ]
-    if scoped:
-        conditions.append(ledger_buckets.c.agent_id == bindparam(f"a{n}"))
-    return select(_sum(dialect, ledger_buckets.c.amount)).where(*conditions).scalar_subquery()
+        conditions.append(table.c.agent_id == bindparam(f"a{n}"))
+    return select(_sum(dialect, table.c.amount)).where(*conditions).scalar_subquery()
 
 
 def _total_columns(dialect: str, n: int, scoped: bool) -> list[Any]:
     """The four sums that make window ``n`` (see :func:`_edges`)."""
     return [
-        _entries_sum(dialect, n, f"ss{n}", f"su{n}", scoped),
-        _totals_sum(dialect, n, MINUTE, f"ms{n}", f"mu{n}", scoped),
-        _totals_sum(dialect, n, HOUR, f"hs{n}", f"hu{n}", scoped),
-        _entries_sum(dialect, n, f"es{n}", f"eu{n}", scoped),
+        _range_sum(dialect, n, f"ss{n}", f"su{n}", scoped),
+        _range_sum(dialect, n, f"ms{n}", f"mu{n}", scoped, MINUTE),
+        _range_sum(dialect, n, f"hs{n}", f"hu{n}", scoped, HOUR),
+        _range_sum(dialect, n, f"es{n}", f"eu{n}", scoped),
     ]
 
 
