@@ -640,20 +640,23 @@ async def sequential(service: Service, wallets: list[WalletUnderTest], count: in
     pairs = [(clients.make(0, wallet), wallet) for wallet in wallets[:10]]
     samples: list[float] = []
     errors: Counter[str] = Counter()
+    client_cpu = 0.0  # this process is the load generator: its CPU per payment is on every payment's path
     try:
         for n in range(count + 20):
             client, wallet = pairs[n % len(pairs)]
-            start = time.perf_counter()
+            cpu_before, start = time.process_time(), time.perf_counter()
             problem = await pay(client, wallet)
             if n < 20:
                 continue  # warm-up: connections, prepared statements, caches
             if problem is None:
                 samples.append(time.perf_counter() - start)
+                client_cpu += time.process_time() - cpu_before
             else:
                 errors[problem] += 1
     finally:
         await clients.close()
-    return Run(len(samples) / max(sum(samples), 1e-9), samples, errors, {})
+    cpu = {"load generator": round(client_cpu / len(samples) * 1000, 3)} if samples else {}
+    return Run(len(samples) / max(sum(samples), 1e-9), samples, errors, cpu)
 
 
 # -- history: bulk-loaded past payments ---------------------------------------------------------------
@@ -1514,16 +1517,27 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if "error" in config:
             continue
         if name.startswith("pg"):
-            out.append(
-                {
-                    "config": name,
-                    "target": "peak ≥ 1.0× eth_account",
-                    "value": config["peak_ratio"],
-                    "met": config["peak_ratio"] >= 1.0,
-                }
-            )
+            peak = {
+                "config": name,
+                "target": "peak ≥ 1.0× eth_account",
+                "value": config["peak_ratio"],
+                "met": config["peak_ratio"] >= 1.0,
+            }
+            load = config["peak"].get("cpu_ms_per_payment", {}).get("load generator")
+            if load is not None:
+                # What the target leaves for each payment, everything on the machine included.
+                budget = (report["machine"]["cpus"] or 1) * 1000 / report["reference"]["per_second"]
+                peak["note"] = (
+                    f"at 1.0× the machine has {budget:.2f} ms of CPU per payment; "
+                    f"the load generator alone used {load:.2f}"
+                )
+            out.append(peak)
         p50 = config["unloaded"]["p50_ms"]
-        out.append({"config": name, "target": "unloaded p50 ≤ 1.5 ms", "value": p50, "met": p50 <= 1.5})
+        unloaded = {"config": name, "target": "unloaded p50 ≤ 1.5 ms", "value": p50, "met": p50 <= 1.5}
+        client_cpu = config["unloaded"].get("cpu_ms_per_payment", {}).get("load generator")
+        if client_cpu is not None:
+            unloaded["note"] = f"of which the client's own CPU: {client_cpu:.2f} ms per payment"
+        out.append(unloaded)
         p99 = config["half_peak"]["p99_ms"]
         half = {"config": name, "target": "p99 at half of peak ≤ 25 ms", "value": p99, "met": p99 <= 25}
         if config["half_peak"].get("fell_behind"):
