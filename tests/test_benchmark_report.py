@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -68,3 +69,18 @@ def test_verdicts_without_cpu_figures_have_no_note_and_sqlite_has_no_throughput_
     assert "note" not in peak
     assert "note" not in _verdict(verdicts, "sqlite", "unloaded")
     assert [v["met"] for v in verdicts if v["target"].startswith("p99")] == [True, True]
+
+
+def test_the_sdk_cost_script_prints_client_cpu_per_call_for_each_client() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH.parent / "sdk_client.py"), "--calls", "20", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # "  <client>   <median µs>   (<lowest>–<highest>)" per client, after a heading.
+    rows = [line.strip().rsplit(None, 2) for line in done.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["SDK sign_transaction", "httpx.AsyncClient alone", "minimal"]
+    assert all(float(row[1]) > 0 for row in rows)
