@@ -2,12 +2,14 @@
 
 The payment benchmark's load generator is the SDK (``AsyncCustodyClient``) on the same cores as
 the service, so its CPU per payment comes out of the service's budget. This measures it alone:
-a stub HTTP server in another process answers every request with a fixed "signed" body, and
-this process times its own CPU (``time.process_time``) over many calls, one after another:
+a stub HTTP server in another process answers every request with a fixed "signed" body of the
+service's size, and this process times its own CPU (``time.process_time``) over many calls,
+one after another, with its garbage collector paused as in the benchmark's runs:
 
-- the SDK's ``sign_transaction`` (request building, httpx, the answer parsed into its model);
+- the benchmark's payment through the SDK (``payments.pay``: ``sign_transaction``, httpx, the
+  answer parsed into the SDK's model);
 - the same request through a bare ``httpx.AsyncClient``;
-- the benchmark's minimal client (one keep-alive connection, hand-written HTTP/1.1).
+- the benchmark's minimal client (``payments.LightClient``).
 
     .venv/bin/python bench/sdk_client.py [--calls 3000] [--rounds 5]
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import socket
 import statistics
 import subprocess
@@ -25,15 +26,18 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+from payments import LightClient, WalletUnderTest, encode_transaction, no_collector_pauses, pay
 
 from custody.client import AsyncCustodyClient
 
+# Serves on the listening socket it inherits (file descriptor argv[1]): no port to race for.
 _STUB = r"""
 import json, sys
 import uvicorn
 
-BODY = json.dumps({"status": "signed", "payment_id": "pay_00112233445566778899", "result": {
-    "raw_transaction": "0x02", "hash": "0x" + "ab" * 32, "r": "0x1", "s": "0x2", "v": 0}}).encode()
+RESULT = {"raw_transaction": "0x02" + "ab" * 115, "hash": "0x" + "cd" * 32, "r": "0x" + "12" * 32,
+          "s": "0x" + "34" * 32, "v": 1}
+BODY = json.dumps({"status": "signed", "payment_id": "pay_00112233445566778899", "result": RESULT}).encode()
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 
 async def app(scope, receive, send):
@@ -44,97 +48,43 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="error", access_log=False)
+uvicorn.run(app, fd=int(sys.argv[1]), log_level="error", access_log=False)
 """
-WALLET = "wal_00112233445566778899"
-TX = {
-    "to": "0x" + "11" * 20,
-    "value": 10**14,
-    "gas": 21_000,
-    "maxFeePerGas": 10**9,
-    "maxPriorityFeePerGas": 10**8,
-    "nonce": 1,
-    "chainId": 8453,
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _wait_for(port: int, stub: subprocess.Popen[bytes]) -> None:
-    for _ in range(200):
-        if stub.poll() is not None:
-            raise RuntimeError("the stub server exited")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise RuntimeError("the stub server did not start")
-
-
-class _Minimal:
-    """The benchmark's kind of minimal client: one connection, the request written by hand."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        body = json.dumps({"transaction": {k: str(v) if isinstance(v, int) else v for k, v in TX.items()}}).encode()
-        self.request = (
-            f"POST /v1/wallets/{WALLET}/sign/transaction HTTP/1.1\r\nhost: stub\r\n"
-            f"authorization: Bearer cak.key.secret\r\ncontent-type: application/json\r\n"
-            f"idempotency-key: k\r\ncontent-length: {len(body)}\r\n\r\n"
-        ).encode() + body
-
-    async def call(self) -> None:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
-        self.writer.write(self.request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-        )
-        json.loads(await self.reader.readexactly(length))
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            await self.writer.wait_closed()
+WALLET = WalletUnderTest("wal_00112233445566778899", "agt_00112233445566778899", "cak.key_0011.secret")
 
 
 async def _cpu_per_call(call: Callable[[], Awaitable[object]], calls: int) -> float:
     for _ in range(200):  # warm-up: connections, caches
         await call()
-    began = time.process_time()
-    for _ in range(calls):
-        await call()
-    return (time.process_time() - began) / calls * 1e6
+    with no_collector_pauses():
+        began = time.process_time()
+        for _ in range(calls):
+            await call()
+        return (time.process_time() - began) / calls * 1e6
 
 
 async def measure(port: int, calls: int, rounds: int) -> dict[str, list[float]]:
     url = f"http://127.0.0.1:{port}"
-    sdk = AsyncCustodyClient(url, "cak.key_0011.secret", max_retries=0)
-    bare = httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer cak.key.secret"})
-    minimal = _Minimal(port)
+    sdk = AsyncCustodyClient(url, WALLET.api_key, max_retries=0)
+    bare = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {WALLET.api_key}"})
+    light = LightClient(url, WALLET.api_key)
 
-    async def with_sdk() -> object:
-        return await sdk.sign_transaction(WALLET, TX)
+    async def with_sdk() -> None:
+        if await pay(sdk, WALLET) is not None:
+            raise RuntimeError("the SDK did not read the stub's answer as signed")
 
-    async def with_httpx() -> object:
+    async def with_httpx() -> None:
+        body = {"transaction": encode_transaction(WALLET.next_tx()), "purpose": "supplier invoice"}
         response = await bare.post(
-            f"/v1/wallets/{WALLET}/sign/transaction", json={"transaction": TX}, headers={"Idempotency-Key": "k"}
+            f"/v1/wallets/{WALLET.id}/sign/transaction", json=body, headers={"Idempotency-Key": "k"}
         )
-        return response.json()
+        response.json()
 
-    clients = {"SDK sign_transaction": with_sdk, "httpx.AsyncClient alone": with_httpx, "minimal": minimal.call}
+    async def with_light() -> None:
+        if await light.pay(WALLET) is not None:
+            raise RuntimeError("the minimal client did not read the stub's answer as signed")
+
+    clients = {"SDK sign_transaction": with_sdk, "httpx.AsyncClient alone": with_httpx, "minimal": with_light}
     figures: dict[str, list[float]] = {name: [] for name in clients}
     try:
         for _ in range(rounds):  # interleaved, so a noisy moment hits every client alike
@@ -143,8 +93,23 @@ async def measure(port: int, calls: int, rounds: int) -> dict[str, list[float]]:
     finally:
         await sdk.close()
         await bare.aclose()
-        await minimal.close()
+        await light.close()
     return figures
+
+
+async def _wait_for(port: int, stub: subprocess.Popen[bytes], limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if stub.poll() is not None:
+            raise RuntimeError("the stub server exited")
+        try:
+            async with httpx.AsyncClient() as client:
+                await client.get(f"http://127.0.0.1:{port}/")
+        except httpx.TransportError:
+            await asyncio.sleep(0.05)
+            continue
+        return
+    raise RuntimeError("the stub server did not start")
 
 
 def main() -> int:
@@ -158,14 +123,23 @@ def main() -> int:
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    port = _free_port()
-    stub = subprocess.Popen([sys.executable, "-c", _STUB, str(port)])  # noqa: S603 (our own stub)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = int(listener.getsockname()[1])
+    stub = subprocess.Popen(  # noqa: S603 (our own stub)
+        [sys.executable, "-c", _STUB, str(listener.fileno())], pass_fds=[listener.fileno()]
+    )
     try:
         run(_wait_for(port, stub))
         figures = run(measure(port, args.calls, args.rounds))
     finally:
         stub.terminate()
-        stub.wait(10)
+        try:
+            stub.wait(10)
+        except subprocess.TimeoutExpired:
+            stub.kill()
+        listener.close()
     print(f"client CPU per call, µs (median of {args.rounds} rounds of {args.calls:,} calls; the stub answers at once)")
     for name, rounds in figures.items():
         print(f"  {name:26} {statistics.median(rounds):7.0f}   ({min(rounds):.0f}–{max(rounds):.0f})")

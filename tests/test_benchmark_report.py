@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import subprocess
 import sys
@@ -84,3 +85,29 @@ def test_the_sdk_cost_script_prints_client_cpu_per_call_for_each_client() -> Non
     rows = [line.strip().rsplit(None, 2) for line in done.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["SDK sign_transaction", "httpx.AsyncClient alone", "minimal"]
     assert all(float(row[1]) > 0 for row in rows)
+
+
+def test_a_timed_run_pauses_the_load_generators_collector_and_gives_it_back_even_on_error(bench: ModuleType) -> None:
+    seen: dict[str, object] = {}
+
+    def failing_run() -> None:
+        with bench.no_collector_pauses():
+            seen["enabled"] = gc.isenabled()
+            seen["frozen"] = gc.get_freeze_count()  # what existed before the run is out of the way
+            raise RuntimeError("a run that failed")
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        failing_run()
+    assert seen["enabled"] is False
+    assert isinstance(seen["frozen"], int)
+    assert seen["frozen"] > 0
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0  # and collectable again after it
+    gc.disable()
+    try:
+        with bench.no_collector_pauses():
+            pass
+        assert not gc.isenabled()  # a collector that was off stays off
+    finally:
+        gc.enable()
