@@ -32,7 +32,7 @@ from custody.client import AsyncCustodyClient
 
 # Serves on the listening socket it inherits (file descriptor argv[1]): no port to race for.
 _STUB = r"""
-import json, sys
+import asyncio, json, socket, sys
 import uvicorn
 
 RESULT = {"raw_transaction": "0x02" + "ab" * 115, "hash": "0x" + "cd" * 32, "r": "0x" + "12" * 32,
@@ -48,7 +48,11 @@ async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
     await send({"type": "http.response.body", "body": BODY})
 
-uvicorn.run(app, fd=int(sys.argv[1]), log_level="error", access_log=False)
+# socket(fileno=...) keeps the inherited socket's family (uvicorn's fd= would take it for a
+# Unix socket, and TCP_NODELAY would be missing from every connection).
+listener = socket.socket(fileno=int(sys.argv[1]))
+server = uvicorn.Server(uvicorn.Config(app, log_level="error", access_log=False, timeout_keep_alive=600))
+asyncio.run(server.serve(sockets=[listener]))
 """
 WALLET = WalletUnderTest("wal_00112233445566778899", "agt_00112233445566778899", "cak.key_0011.secret")
 
