@@ -478,8 +478,8 @@ def no_collector_pauses() -> Iterator[None]:
 
     A full collection of this process took 70-120 ms (watched with ``gc.callbacks``). The
     payments due meanwhile went out late, the open loop counted that from when they were due,
-    and the burst that followed queued at the service: episodes of 0.5-1 s of slow payments
-    that were the benchmark's, not the service's. What exists when a run starts is frozen for
+    and the burst that followed queued at the service: some of the episodes of slow payments
+    were the benchmark's own, not the service's. What exists when a run starts is frozen for
     its length, and the collector runs between runs instead. The load generator's CPU per
     payment therefore leaves out its collector, which a real SDK caller pays.
     """
